@@ -1,0 +1,85 @@
+"""Just-in-time build of the C++/CUDA extensions, cached by a hash of everything that matters.
+
+The cache key covers the sources (every file under ``csrc/``), the compiler flags, the torch and
+Python versions and the device target, so an edit or an upgrade rebuilds and nothing stale is
+ever loaded. A build happens in a private temporary folder that is renamed into place, so
+concurrent processes (``torchrun`` ranks) and interrupted builds never leave a half-written
+library behind. On failure the full compiler log is raised, never swallowed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import platform
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+
+from .._paths import csrc_dir
+
+_loaded: dict[str, str] = {}
+
+
+class BuildError(RuntimeError):
+    """A kernel extension failed to compile; the message holds the compiler output."""
+
+
+def cache_root() -> Path:
+    root = os.environ.get("VAEBM_CACHE_DIR")
+    if root:
+        return Path(root)
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "vaebm" / "kernels"
+
+
+def _source_digest(flags: list[str], target: str) -> str:
+    h = hashlib.sha256()
+    root = csrc_dir()
+    for p in sorted(root.rglob("*")):
+        if p.is_file() and p.suffix in (".h", ".cpp", ".cu", ".cuh"):
+            h.update(str(p.relative_to(root)).encode())
+            h.update(p.read_bytes())
+    for part in (*flags, torch.__version__, sys.version, platform.machine(), target):
+        h.update(b"\0" + part.encode())
+    return h.hexdigest()[:16]
+
+
+def build_extension(name: str, sources: list[str], *, cflags=(), ldflags=(), cuda_cflags=(),
+                    target: str = "cpu", verbose: bool = False) -> str:
+    """Build (or reuse) extension ``name`` from ``sources`` (paths relative to csrc/) and load it
+    into ``torch.ops``. Returns the path of the shared library."""
+    if name in _loaded:
+        return _loaded[name]
+    from torch.utils import cpp_extension
+
+    flags = [*cflags, "|", *ldflags, "|", *cuda_cflags]
+    key = _source_digest(flags, target)
+    final = cache_root() / f"{name}-{key}"
+    lib = final / f"{name}.so"
+    if lib.is_file():
+        torch.ops.load_library(str(lib))
+    else:  # cpp_extension.load builds and loads the library from the temporary folder
+        final.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{name}-{key}-", dir=final.parent))
+        srcs = [str(csrc_dir() / s) for s in sources]
+        try:
+            cpp_extension.load(
+                name=name, sources=srcs, build_directory=str(tmp), is_python_module=False,
+                extra_cflags=list(cflags), extra_ldflags=list(ldflags),
+                extra_cuda_cflags=list(cuda_cflags) or None,
+                extra_include_paths=[str(csrc_dir())], verbose=verbose)
+        except Exception as e:
+            (tmp / "build.log").write_text(str(e))
+            raise BuildError(
+                f"building the {name} kernels failed (sources in {csrc_dir()}, log kept in "
+                f"{tmp / 'build.log'}):\n{e}") from e
+        try:
+            os.rename(tmp, final)
+        except OSError:  # another process finished first: keep its copy
+            shutil.rmtree(tmp, ignore_errors=True)
+    _loaded[name] = str(lib)
+    return str(lib)
