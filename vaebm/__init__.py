@@ -2,7 +2,8 @@
 
 from . import ops
 from .ops import use_backend
+from .sampling import FusedLangevin, LangevinStats, langevin_sample
 
 __version__ = "0.1.0"
 
-__all__ = ["ops", "use_backend", "__version__"]
+__all__ = ["FusedLangevin", "LangevinStats", "langevin_sample", "ops", "use_backend", "__version__"]

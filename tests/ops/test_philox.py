@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from vaebm.ops import philox4x32, philox_normal, philox_uniform
+from vaebm.ops.philox import philox_normal_rows
 
 
 def test_known_answer_vectors():
@@ -68,3 +69,10 @@ def test_uniform_range_and_seed_check():
     assert u.min() >= 0 and u.max() < 1 and abs(u.mean().item() - 0.5) < 0.01
     with pytest.raises(ValueError, match="seed"):
         philox_normal(-1, 0, 0, 0)
+
+
+def test_rows_helper_equals_elementwise():
+    samples = torch.tensor([0, 5, 2**32 - 1])
+    rows = philox_normal_rows(3, 7, samples, 13, tensor=4, stream=2)
+    elem = philox_normal(3, 7, samples[:, None], torch.arange(13)[None], tensor=4, stream=2)
+    assert torch.equal(rows, elem)

@@ -28,16 +28,15 @@ import math
 
 import torch
 
-from .philox import STREAM_NOISE, STREAM_RESET, philox_normal
+from .philox import STREAM_NOISE, STREAM_RESET, philox_normal_rows
 
 MODE_UPDATE, MODE_KEEP, MODE_RESET = 0, 1, 2
 
 
 def _noise(seed, step, sample_offset, k, shape, device, stream):
     B, n = shape[0], math.prod(shape[1:])
-    sample = torch.arange(sample_offset, sample_offset + B, device=device).unsqueeze(1)
-    elem = torch.arange(n, device=device).unsqueeze(0)
-    return philox_normal(seed, step, sample, elem, k, stream).reshape(shape)
+    samples = torch.arange(sample_offset, sample_offset + B, device=device)
+    return philox_normal_rows(seed, step, samples, n, k, stream).reshape(shape)
 
 
 def _clip(g: torch.Tensor, clip_value: float) -> torch.Tensor:

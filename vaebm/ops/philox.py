@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["philox4x32", "philox_normal", "philox_uniform", "STREAM_NOISE", "STREAM_ACCEPT",
+__all__ = ["philox4x32", "philox_normal", "philox_normal_rows", "philox_uniform", "STREAM_NOISE", "STREAM_ACCEPT",
            "STREAM_RESET"]
 
 STREAM_NOISE, STREAM_ACCEPT, STREAM_RESET = 0, 1, 2
@@ -99,6 +99,24 @@ def philox_normal(seed: int, step, sample, elem, tensor=0, stream: int = STREAM_
     n2, n3 = _box_muller(_uniform(r2), _uniform(r3))
     lane = elem & 3
     return torch.where(lane == 0, n0, torch.where(lane == 1, n1, torch.where(lane == 2, n2, n3)))
+
+
+def philox_normal_rows(seed: int, step, samples: torch.Tensor, n: int, tensor: int = 0,
+                       stream: int = STREAM_NOISE) -> torch.Tensor:
+    """Normals for elements 0..n-1 of each sample in ``samples`` (shape (S,)): (S, n) float32.
+
+    Equal to ``philox_normal(seed, step, samples[:, None], arange(n), tensor, stream)`` but one
+    Philox call per group of four elements instead of per element.
+    """
+    seed = _check_seed(seed)
+    dev = samples.device
+    groups = torch.arange((n + 3) // 4, dtype=torch.int64, device=dev).unsqueeze(0)
+    step = torch.as_tensor(step, dtype=torch.int64, device=dev)
+    r = philox4x32(groups, samples.to(torch.int64).unsqueeze(1), step,
+                   (int(stream) << 24) | int(tensor), seed)
+    n0, n1 = _box_muller(_uniform(r[0]), _uniform(r[1]))
+    n2, n3 = _box_muller(_uniform(r[2]), _uniform(r[3]))
+    return torch.stack([n0, n1, n2, n3], -1).reshape(samples.shape[0], -1)[:, :n]
 
 
 def philox_uniform(seed: int, step, sample, stream: int = STREAM_ACCEPT):
