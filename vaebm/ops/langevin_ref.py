@@ -15,7 +15,7 @@ the result is rounded to the output's dtype.
 The reduction gives the per-sample sums the sampler needs before (or after) an update::
 
     col 0: sum clip(g)^2                       (the gradient norm, squared)
-    col 1: number of non-finite entries in x and g
+    col 1: number of non-finite entries in x and g (g before clipping)
     col 2: sum x^2                             (the base-density term of the potential)
     col 3: sum (o - x + a * (s_i clip(g) + lam x))^2   (MALA's proposal log-density; 0 without o)
 
@@ -76,9 +76,11 @@ def reduce_ref(states, grads, others=None, *, a, lam, clip_value, gscale=None):
     acc = torch.zeros(B, 4, dtype=torch.float32, device=states[0].device)
     for k, (x, g) in enumerate(zip(states, grads)):
         xf = x.float().reshape(B, -1)
-        gf = _clip(g.float().reshape(B, -1), clip_value)
+        graw = g.float().reshape(B, -1)
+        gf = _clip(graw, clip_value)
         acc[:, 0] += (gf * gf).sum(1)
-        acc[:, 1] += (~torch.isfinite(xf)).sum(1) + (~torch.isfinite(gf)).sum(1)
+        # the raw gradient: an infinite gradient is a broken chain even where clipping hides it
+        acc[:, 1] += (~torch.isfinite(xf)).sum(1) + (~torch.isfinite(graw)).sum(1)
         acc[:, 2] += (xf * xf).sum(1)
         if others is not None:
             s = gf if gscale is None else gf * gscale.reshape(B, 1)
