@@ -274,7 +274,7 @@ VAEBM_CUDA_HD void update_thread(const UpdateMeta& m, const UpdateScalars& p, in
 
 // ---------------------------------------------------------------------------------------------
 // Reduce: per-sample sums of langevin_ref.reduce_ref, with c = clip(g):
-//   col 0: sum c^2    col 1: #non-finite x and c    col 2: sum x^2
+//   col 0: sum c^2    col 1: #non-finite x and g (before clipping)    col 2: sum x^2
 //   col 3: sum (o - x + a (s_i c + lam x))^2  (MALA's proposal log-density; 0 without o)
 // Pass 1: one block per kReduceChunk elements of one sample row of one tensor writes its four
 // sums to partial[row, column, :] (fixed shuffle tree). Pass 2: one block per sample adds its
@@ -308,7 +308,7 @@ VAEBM_CUDA_HD void reduce_thread(const ReduceMeta& m, const ReduceScalars& p, in
       if (l >= cnt) break;
       const float gc = effective_grad(gv[l], p.clip_value, 1.f);
       acc[0] += gc * gc;
-      acc[1] += float(not_finite(xv[l])) + float(not_finite(gc));
+      acc[1] += float(not_finite(xv[l])) + float(not_finite(gv[l]));  // g before clipping
       acc[2] += xv[l] * xv[l];
       if (s.o) {
         const float d = ov[l] - xv[l] + p.a * (gc * gs + p.lam * xv[l]);
