@@ -20,10 +20,23 @@ def cmd_backends(args) -> int:
     return 0
 
 
+def cmd_info(args) -> int:
+    """Parameter counts of the energy networks (the four of Table 7 unless presets are named)."""
+    from .models.energy import PAPER_PRESETS, describe
+
+    for i, preset in enumerate(args.presets or PAPER_PRESETS):
+        print(("\n" if i else "") + describe(preset, width=args.width))
+    return 0
+
+
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="vaebm", description="VAEBM: train, sample, evaluate.")
     sub = p.add_subparsers(dest="command", required=True)
     sub.add_parser("backends", help=cmd_backends.__doc__).set_defaults(func=cmd_backends)
+    info = sub.add_parser("info", help=cmd_info.__doc__)
+    info.add_argument("presets", nargs="*", help="EnergyNet presets (default: the paper's four)")
+    info.add_argument("--width", type=float, default=1.0, help="channel width multiplier")
+    info.set_defaults(func=cmd_info)
     return p
 
 
