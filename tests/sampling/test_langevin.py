@@ -9,7 +9,7 @@ import torch
 from vaebm import FusedLangevin, langevin_sample
 from vaebm.ops import BackendUnavailable
 
-CPU_BACKENDS = ["torch", "cpp"]
+CPU_BACKENDS = ["torch", "cpp"]  # triton is covered op by op (the interpreter is too slow for chains)
 
 
 def quadratic(x):

@@ -1,0 +1,204 @@
+// The SIMD kernels of the fused Langevin step, written once against a vector-traits struct `V`.
+// Deliberately no include guard and no includes: langevin_cpu.cpp includes this file once per
+// instruction set, inside a `#pragma GCC target(...)` region, with VAEBM_ISA naming the namespace
+// that holds the matching `V` (avx2::V: 8 lanes, avx512::V: 16 lanes). Every function defined
+// here is thereby compiled for that instruction set only and chosen at run time.
+//
+// Layout: one Philox call makes the 4 normals of a group of 4 consecutive elements; a block of
+// 4 W elements takes W Philox calls side by side (in two half-batches of 64-bit lanes), then
+// Box-Muller runs on W lanes (lane l = group l) and the normals are interleaved into element
+// order. A step does NB blocks at once, for independent dependency chains.
+//
+// Spec: vaebm/ops/philox.py and vaebm/ops/langevin_ref.py; scalar twin: langevin_common.h.
+
+namespace vaebm::cpu::VAEBM_ISA {
+namespace {
+
+using F = V::F;
+using I = V::I;
+constexpr int W = V::W;
+
+// Within a row only word 0 of the counter (the group index) varies, so part of Philox rounds 1
+// and 2 is the same for every group: computed once per row, in scalar, with the round keys.
+struct RowConst {
+  uint32_t x2, x0b, x2b, w3b;  // xor masks of rounds 1 and 2, and word 3 after round 2
+};
+
+inline RowConst row_const(uint32_t sample, uint32_t c3, const Params& p) {
+  const uint64_t p1 = uint64_t(0xCD9E8D57u) * p.step;           // round 1: M1 * word 2
+  const uint32_t w0 = uint32_t(p1 >> 32) ^ sample ^ p.key[0];   // word 0 after round 1
+  const uint64_t q0 = uint64_t(0xD2511F53u) * w0;               // round 2: M0 * word 0
+  return {c3 ^ p.key[1], uint32_t(p1) ^ p.key[2], uint32_t(q0 >> 32) ^ p.key[3], uint32_t(q0)};
+}
+
+// Philox4x32-10 on K independent batches of W / 2 counters (c[h][0] holds the group indices;
+// several chains hide the latency of the serial rounds). Each word sits in the low half of a
+// 64-bit lane, so one 32x32 -> 64-bit multiply (mul_epu32) yields both halves of a product in
+// place: lo is the low half (the high half of a lane is don't-care), hi is the product >> 32.
+template <int K>
+inline void philox(I (&c)[K][4], const RowConst& rc, const uint32_t* key) {
+  for (int h = 0; h < K; ++h) {  // rounds 1 and 2, with the row's constant words folded in
+    const I p0 = V::mul_wide(c[h][0], 0xD2511F53u);
+    const I p1 = V::mul_wide(V::ixor(V::high_half(p0), V::iset(rc.x2)), 0xCD9E8D57u);
+    c[h][0] = V::ixor(V::high_half(p1), V::iset(rc.x0b));
+    c[h][1] = p1;
+    c[h][2] = V::ixor(p0, V::iset(rc.x2b));
+    c[h][3] = V::iset(rc.w3b);
+  }
+  for (int r = 2; r < 10; ++r)
+    for (int h = 0; h < K; ++h) {
+      const I p0 = V::mul_wide(c[h][0], 0xD2511F53u), p1 = V::mul_wide(c[h][2], 0xCD9E8D57u);
+      c[h][0] = V::xor3(V::high_half(p1), c[h][1], V::iset(key[2 * r]));
+      c[h][2] = V::xor3(V::high_half(p0), c[h][3], V::iset(key[2 * r + 1]));
+      c[h][1] = p1;
+      c[h][3] = p0;
+    }
+}
+
+// u32_to_uniform: the word as int32, negative ones mirrored (x ^ (x >> 31) == ~x), times ~2^-31.
+inline F uniform(I r) {
+  return V::mul(V::cvt(V::ixor(r, V::srai31(r))), V::set(4.6566127342e-10f));
+}
+
+// Natural log for u in [1e-7, 1), correctly rounded for ~98% of inputs, else 1 ulp off.
+// u = 2^e m with m in [sqrt(1/2), sqrt(2)), f = m - 1 (exact):
+//   log u = e ln2 + f - f^2/2 + f^3 P(f),
+// P a degree-8 fit of (log1p(f) - f + f^2/2) / f^3 (relative error 7e-10). ln 2 = LN2_HI + LN2_LO
+// with e LN2_HI exact; e LN2_HI + f is summed by Fast2Sum (|e LN2_HI| > |f|), keeping its error.
+inline F vlog(F u) {
+  const I t = V::isub(V::asi(u), V::iset(0x3F3504F3u));  // bits of sqrt(1/2)
+  const F e = V::cvt(V::srai23(t));
+  const F f = V::sub(V::asf(V::iadd(V::iand(t, V::iset(0x007FFFFFu)), V::iset(0x3F3504F3u))),
+                     V::set(1.f));
+  F p = V::set(0.0691518337f);
+  for (float c : {-0.117897138f, 0.118730098f, -0.12384367f, 0.142186552f, -0.166692495f,
+                  0.200022265f, -0.249999866f, 0.333333105f})
+    p = V::fma(p, f, V::set(c));
+  const F z = V::mul(f, f);
+  F y = V::fma(V::set(-0.5f), z, V::mul(V::mul(f, z), p));
+  y = V::fma(e, V::set(-2.12194440e-4f), y);  // e LN2_LO
+  const F hi = V::mul(e, V::set(0.693359375f)), s = V::add(hi, f);
+  return V::add(s, V::add(V::sub(f, V::sub(s, hi)), y));
+}
+
+// sin and cos of th in [0, 2 pi], correctly rounded for ~98% of inputs, else 1 ulp off.
+// th = q pi/2 + r + rlo with |r| <= pi/4, q = 0..4 (pi/2 in three parts, the first product exact;
+// rlo keeps the rounding error of r). With z = r^2 (+ zlo exactly, by FMA):
+//   sin(r + rlo) = r + (r z S(z) + rlo cos r),  cos(r + rlo) = h + (hlo + z^2 C(z) - rlo r),
+// h + hlo = 1 - z/2 exactly, S and C fits with relative error < 4e-9, each rounded once at the
+// end. The quadrant then rotates (sin, cos) by q quarter turns.
+inline void vsincos(F th, F& s, F& c) {
+  const I q = V::cvt_nearest(V::mul(th, V::set(0.636619747f)));  // 2 / pi
+  const F qf = V::cvt(q);
+  const F r1 = V::fma(qf, V::set(-1.57079637f), th);
+  const F r = V::fma(qf, V::set(4.37113883e-8f), r1);
+  const F rlo =
+      V::fma(qf, V::set(1.71512451e-15f), V::fma(qf, V::set(4.37113883e-8f), V::sub(r1, r)));
+  const F z = V::mul(r, r), zlo = V::fms(r, r, z);
+  const F sp = V::fma(V::fma(V::set(-1.95172950e-4f), z, V::set(8.33217800e-3f)), z,
+                      V::set(-0.166666552f));
+  const F cp = V::fma(V::fma(V::set(2.44384446e-5f), z, V::set(-1.38873677e-3f)), z,
+                      V::set(4.16666456e-2f));
+  const F h = V::fma(V::set(-0.5f), z, V::set(1.f));
+  const F hlo = V::fma(V::set(-0.5f), zlo, V::fma(V::set(-0.5f), z, V::sub(V::set(1.f), h)));
+  const F sr = V::add(r, V::fma(V::mul(r, z), sp, V::mul(rlo, h)));
+  const F cr = V::add(h, V::fnma(rlo, r, V::fma(V::mul(z, z), cp, hlo)));
+  // (sin, cos)(r + q pi/2) = (s, c), (c, -s), (-s, -c), (-c, s) for q mod 4 = 0, 1, 2, 3
+  const F s1 = V::sel_odd(q, cr, sr), c1 = V::sel_odd(q, sr, cr);
+  s = V::flip_sign_if_bit1(s1, q);
+  c = V::flip_sign_if_bit1(c1, V::iadd(q, V::iset(1)));
+}
+
+// Box-Muller on W pairs (ua, ub): n0 = r cos th, n1 = r sin th.
+inline void box_muller(I ra, I rb, F& n0, F& n1) {
+  const F r = V::sqrt(V::mul(V::set(-2.f), vlog(V::max(uniform(ra), V::set(1e-7f)))));
+  F s, c;
+  vsincos(V::mul(uniform(rb), V::set(6.283185307179586f)), s, c);
+  n0 = V::mul(r, c);
+  n1 = V::mul(r, s);
+}
+
+// Elements per step: NB blocks of 4 W, i.e. NB W Philox calls side by side.
+constexpr int NB = V::NB;
+constexpr int64_t STEP = 4 * W * NB;
+static_assert(kChunk % STEP == 0, "work items must start on a SIMD step");
+
+// The STEP normals of groups g0 .. g0 + NB W - 1 (elements 4 g0 ..), in element order, into xi.
+// Philox half-batches 2b and 2b+1 hold groups {0, 1, 4, 5, ..} and {2, 3, 6, 7, ..} of block b
+// (V::group_lanes), so that V::pack_lo(even, odd) lists the words of its W groups in order.
+inline void normals(uint32_t g0, const RowConst& rc, const Params& p, float* xi) {
+  I c[2 * NB][4];
+  for (int b = 0; b < NB; ++b) V::group_lanes(g0 + uint32_t(b * W), c[2 * b][0], c[2 * b + 1][0]);
+  philox(c, rc, p.key);
+  for (int b = 0; b < NB; ++b) {
+    const I(&e)[4] = c[2 * b], (&o)[4] = c[2 * b + 1];
+    F n0, n1, n2, n3;
+    box_muller(V::pack_lo(e[0], o[0]), V::pack_lo(e[1], o[1]), n0, n1);
+    box_muller(V::pack_lo(e[2], o[2]), V::pack_lo(e[3], o[3]), n2, n3);
+    V::store_interleaved4(n0, n1, n2, n3, xi + 4 * W * b);
+  }
+}
+
+inline F clamp_keep_nan(F v, F lo, F hi) { return V::sel_lt(v, lo, lo, V::sel_gt(v, hi, hi, v)); }
+
+// Elements [s.j0, s.j1) of one sample row (x, g, o point at the row), s.j0 a multiple of STEP.
+template <class T>
+void update_span(const T* x, const T* g, T* o, const Span& s, const Params& p) {
+  alignas(64) float xi[STEP];
+  const bool reset = s.mode == kModeReset;
+  const RowConst rc =
+      row_const(s.sample, ((reset ? kStreamReset : kStreamNoise) << 24) | s.tensor, p);
+  const F a = V::set(p.a), b = V::set(p.b), lam = V::set(p.lam), gs = V::set(s.gs);
+  const F cv = V::set(p.cv), ncv = V::set(-p.cv), lo = V::set(p.lo), hi = V::set(p.hi);
+  for (int64_t j = s.j0; j < s.j1; j += STEP) {
+    normals(uint32_t(j >> 2), rc, p, xi);
+    if (s.j1 - j < STEP) {  // the row's last, partial step: scalar
+      update_elems(x + j, g + j, o + j, xi, s.j1 - j, s.gs, reset, p);
+      break;
+    }
+    for (int q = 0; q < 4 * NB; ++q) {
+      const int64_t e = j + q * W;
+      F y = V::load(xi + q * W);
+      if (!reset) {  // Eq. 2: y = x - a (s_i clip(g) + lam x) + b xi, op by op as the reference
+        const F xv = V::load(x + e);
+        F gv = V::load(g + e);
+        if (p.cv > 0.f) gv = clamp_keep_nan(gv, ncv, cv);
+        if (s.gs != 1.f) gv = V::mul(gv, gs);  // (g * 1 == g exactly)
+        const F t = V::mul(a, V::add(gv, V::mul(lam, xv)));
+        y = V::add(V::sub(xv, t), V::mul(b, y));
+      }
+      if (p.clamp) y = clamp_keep_nan(y, lo, hi);
+      V::store(o + e, y);
+    }
+  }
+}
+
+// Adds the span's four per-sample sums (see langevin_ref.reduce_ref) to acc, in double.
+template <class T>
+void reduce_span(const T* x, const T* g, const T* o, const Span& s, const Params& p,
+                 double acc[4]) {
+  typename V::Acc g2, x2, d2;
+  int64_t bad = 0, j = s.j0;
+  const F a = V::set(p.a), lam = V::set(p.lam), gs = V::set(s.gs);
+  const F cv = V::set(p.cv), ncv = V::set(-p.cv);
+  for (; j + W <= s.j1; j += W) {
+    const F xv = V::load(x + j);
+    F gv = V::load(g + j);
+    bad += V::count_nonfinite(xv) + V::count_nonfinite(gv);
+    if (p.cv > 0.f) gv = clamp_keep_nan(gv, ncv, cv);
+    g2.add_sq(gv);
+    x2.add_sq(xv);
+    if (o) {
+      const F t = V::mul(a, V::add(V::mul(gv, gs), V::mul(lam, xv)));
+      d2.add_sq(V::add(V::sub(V::load(o + j), xv), t));
+    }
+  }
+  acc[0] += g2.sum();
+  acc[1] += double(bad);
+  acc[2] += x2.sum();
+  acc[3] += d2.sum();
+  reduce_elems(x, g, o, j, s.j1, s.gs, p, acc);  // the row's tail
+}
+
+}  // namespace
+}  // namespace vaebm::cpu::VAEBM_ISA
