@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.append(str(Path(__file__).resolve().parents[1]))  # a checkout works without install
 from _harness import bench, machine, markdown, write_csv  # noqa: E402
 
 from vaebm.ops import BackendUnavailable, langevin_reduce, langevin_update_  # noqa: E402
