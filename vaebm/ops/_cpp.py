@@ -29,3 +29,6 @@ def update_(states, grads, outs, *, step, seed, sample_offset, a, b, lam, clip_v
 
 def reduce(states, grads, others, *, a, lam, clip_value, gscale=None):
     return torch.ops.vaebm_cpu.langevin_reduce(states, grads, others, a, lam, clip_value, gscale)
+
+from ._cpp_nn import (KERNEL_DTYPES, swish_bwd, swish_bwd2, swish_fwd,  # noqa: E402,F401
+                      weight_norm_bwd, weight_norm_fwd)

@@ -60,3 +60,6 @@ def reduce(states, grads, others, *, a, lam, clip_value, gscale=None):
     load()
     return torch.ops.vaebm_cuda.reduce(states, grads, others, float(a), float(lam),
                                        float(clip_value), gscale)
+
+from ._cuda_nn import (swish_bwd, swish_bwd2, swish_fwd, weight_norm_bwd,  # noqa: E402,F401
+                       weight_norm_fwd)

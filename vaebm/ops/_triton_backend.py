@@ -35,3 +35,6 @@ def update_(states, grads, outs, *, step, seed, sample_offset, a, b, lam, clip_v
 def reduce(states, grads, others=None, *, a, lam, clip_value, gscale=None):
     return load().reduce(states, grads, others, a=a, lam=lam, clip_value=clip_value,
                          gscale=gscale)
+
+from ._triton_nn import (swish_bwd, swish_bwd2, swish_fwd, weight_norm_bwd,  # noqa: E402,F401
+                         weight_norm_fwd)
