@@ -2,8 +2,9 @@
 
 from . import ops
 from .ops import use_backend
+from .models import EnergyNet
 from .sampling import FusedLangevin, LangevinStats, langevin_sample
 
 __version__ = "0.1.0"
 
-__all__ = ["FusedLangevin", "LangevinStats", "langevin_sample", "ops", "use_backend", "__version__"]
+__all__ = ["EnergyNet", "FusedLangevin", "LangevinStats", "langevin_sample", "ops", "use_backend", "__version__"]
