@@ -5,12 +5,11 @@ from ._registry import BACKENDS, BackendUnavailable, available_backends, use_bac
 from .langevin import langevin_reduce, langevin_update_
 from .langevin_ref import MODE_KEEP, MODE_RESET, MODE_UPDATE, reduce_ref, update_ref
 from .philox import philox4x32, philox_normal, philox_uniform
-from .swish import swish, swish_ref
-from .weight_norm import weight_norm, weight_norm_ref
+from . import swish, weight_norm  # modules: vaebm.ops.swish.swish, vaebm.ops.weight_norm.weight_norm
 
 __all__ = [
     "BACKENDS", "BackendUnavailable", "BuildError", "available_backends", "use_backend",
     "langevin_update_", "langevin_reduce", "update_ref", "reduce_ref",
     "MODE_UPDATE", "MODE_KEEP", "MODE_RESET", "philox4x32", "philox_normal", "philox_uniform",
-    "swish", "swish_ref", "weight_norm", "weight_norm_ref",
+    "swish", "weight_norm",
 ]
