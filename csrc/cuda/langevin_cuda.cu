@@ -21,6 +21,7 @@
 
 #include "../langevin_common.h"
 #include "langevin_cuda.h"
+#include "pack_io.cuh"
 
 // Limits, overridable so the host emulation test can exercise the splitting paths.
 #ifndef VAEBM_CUDA_MAX_SEG_GROUPS  // 4-element groups in one update segment (< 2^31)
@@ -49,60 +50,11 @@ constexpr int64_t kMaxSegGroups = VAEBM_CUDA_MAX_SEG_GROUPS;
 constexpr int64_t kMaxLaunchBlocks = VAEBM_CUDA_MAX_LAUNCH_BLOCKS;
 static_assert(kMaxSegGroups > 0 && kMaxSegGroups <= 0x7fffffffLL, "groups index as uint32 < 2^31");
 
-// ---------------------------------------------------------------------------------------------
-// dtype handling: storage T, arithmetic in float. Explicit conversions only (torch builds with
-// __CUDA_NO_HALF_CONVERSIONS__ and friends).
-
-template <class T>
-struct Io;
-template <>
-struct Io<float> {
-  static VAEBM_CUDA_HD float to_float(float v) { return v; }
-  static VAEBM_CUDA_HD float from_float(float v) { return v; }
-};
-template <>
-struct Io<__half> {
-  static VAEBM_CUDA_HD float to_float(__half v) { return __half2float(v); }
-  static VAEBM_CUDA_HD __half from_float(float v) { return __float2half_rn(v); }
-};
-template <>
-struct Io<__nv_bfloat16> {
-  static VAEBM_CUDA_HD float to_float(__nv_bfloat16 v) { return __bfloat162float(v); }
-  static VAEBM_CUDA_HD __nv_bfloat16 from_float(float v) { return __float2bfloat16_rn(v); }
-};
-
-// Four consecutive elements: one 16-byte (fp32) or 8-byte (fp16/bf16) memory access.
-template <class T>
-struct alignas(4 * sizeof(T)) Pack4 {
-  T v[4];
-};
-
-// Loads cnt (1..4) elements as float; a whole aligned pack in one vector access.
-template <class T>
-VAEBM_CUDA_HD void load4(const T* p, bool vec, int cnt, float out[4]) {
-  if (vec) {
-    const Pack4<T> pk = *reinterpret_cast<const Pack4<T>*>(p);
-#pragma unroll
-    for (int l = 0; l < 4; ++l) out[l] = Io<T>::to_float(pk.v[l]);
-  } else {
-#pragma unroll
-    for (int l = 0; l < 4; ++l) out[l] = l < cnt ? Io<T>::to_float(p[l]) : 0.f;
-  }
-}
-
-template <class T>
-VAEBM_CUDA_HD void store4(T* p, bool vec, int cnt, const float in[4]) {
-  if (vec) {
-    Pack4<T> pk;
-#pragma unroll
-    for (int l = 0; l < 4; ++l) pk.v[l] = Io<T>::from_float(in[l]);
-    *reinterpret_cast<Pack4<T>*>(p) = pk;
-  } else {
-#pragma unroll
-    for (int l = 0; l < 4; ++l)
-      if (l < cnt) p[l] = Io<T>::from_float(in[l]);
-  }
-}
+using cuda_io::Io;
+using cuda_io::Pack4;
+using cuda_io::load4;
+using cuda_io::pack_aligned;
+using cuda_io::store4;
 
 // Raw copy (a kept chain is bit-identical to its old state, whatever the dtype or NaN payload).
 template <class T>
@@ -112,11 +64,6 @@ VAEBM_CUDA_HD void copy4(const T* src, T* dst, bool vec, int cnt) {
   } else {
     for (int l = 0; l < cnt; ++l) dst[l] = src[l];
   }
-}
-
-template <class T>
-bool pack_aligned(const void* p) {
-  return p == nullptr || reinterpret_cast<uintptr_t>(p) % sizeof(Pack4<T>) == 0;
 }
 
 VAEBM_CUDA_HD bool not_finite(float v) {

@@ -15,6 +15,7 @@
 #include <cstdint>
 
 #include "nn_cuda.h"
+#include "pack_io.cuh"
 
 // Blocks of one Swish launch (a grid-stride loop covers the rest); overridable so the host
 // emulation test can exercise the stride.
@@ -37,64 +38,11 @@ constexpr int64_t kMaxBlocks = VAEBM_CUDA_NN_MAX_BLOCKS;
 constexpr float kScale = float(1.0 / 1.1);
 constexpr float kEps = 1e-12f;  // as weight_norm.EPS
 
-// ---------------------------------------------------------------------------------------------
-// dtype handling: storage T, arithmetic in float; explicit conversions only (torch builds with
-// __CUDA_NO_HALF_CONVERSIONS__ and friends).
-
-template <class T>
-struct Io;
-template <>
-struct Io<float> {
-  static VAEBM_NN_HD float to_float(float v) { return v; }
-  static VAEBM_NN_HD float from_float(float v) { return v; }
-};
-template <>
-struct Io<__half> {
-  static VAEBM_NN_HD float to_float(__half v) { return __half2float(v); }
-  static VAEBM_NN_HD __half from_float(float v) { return __float2half_rn(v); }
-};
-template <>
-struct Io<__nv_bfloat16> {
-  static VAEBM_NN_HD float to_float(__nv_bfloat16 v) { return __bfloat162float(v); }
-  static VAEBM_NN_HD __nv_bfloat16 from_float(float v) { return __float2bfloat16_rn(v); }
-};
-
-// Four consecutive elements: one 16-byte (fp32) or 8-byte (fp16/bf16) access when aligned.
-template <class T>
-struct alignas(4 * sizeof(T)) Pack4 {
-  T v[4];
-};
-
-template <class T>
-VAEBM_NN_HD void load4(const T* p, bool vec, int cnt, float out[4]) {
-  if (vec) {
-    const Pack4<T> pk = *reinterpret_cast<const Pack4<T>*>(p);
-#pragma unroll
-    for (int l = 0; l < 4; ++l) out[l] = Io<T>::to_float(pk.v[l]);
-  } else {
-#pragma unroll
-    for (int l = 0; l < 4; ++l) out[l] = l < cnt ? Io<T>::to_float(p[l]) : 0.f;
-  }
-}
-
-template <class T>
-VAEBM_NN_HD void store4(T* p, bool vec, int cnt, const float in[4]) {
-  if (vec) {
-    Pack4<T> pk;
-#pragma unroll
-    for (int l = 0; l < 4; ++l) pk.v[l] = Io<T>::from_float(in[l]);
-    *reinterpret_cast<Pack4<T>*>(p) = pk;
-  } else {
-#pragma unroll
-    for (int l = 0; l < 4; ++l)
-      if (l < cnt) p[l] = Io<T>::from_float(in[l]);
-  }
-}
-
-template <class T>
-bool pack_aligned(const void* p) {
-  return p == nullptr || reinterpret_cast<uintptr_t>(p) % sizeof(Pack4<T>) == 0;
-}
+using cuda_io::Io;
+using cuda_io::Pack4;
+using cuda_io::load4;
+using cuda_io::pack_aligned;
+using cuda_io::store4;
 
 // ---------------------------------------------------------------------------------------------
 // Swish. VAEBM energy net (paper Table 7): Swish scaled by 1/1.1 to be 1-Lipschitz. With
