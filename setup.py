@@ -42,7 +42,9 @@ setup(
     install_requires=["torch>=2.3", "numpy"],
     extras_require={
         "kernels": ["ninja", "triton; platform_system == 'Linux'"],
-        "test": ["pytest", "pytest-benchmark", "scipy", "ninja",
+        "data": ["pillow"],
+        "train": ["tqdm", "tensorboard"],
+        "test": ["pytest", "pytest-benchmark", "scipy", "ninja", "pillow",
                  "triton; platform_system == 'Linux'"],
     },
     entry_points={"console_scripts": ["vaebm=vaebm.cli:main"]},
