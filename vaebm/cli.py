@@ -41,6 +41,158 @@ def cmd_demo(args) -> int:
     return 0
 
 
+# dataset name -> (NVAE preset, stage-1 preset, stage-2 preset); the energy net comes from the
+# stage-2 preset's ``energy_preset``
+DATASET_DEFAULTS = {
+    "cifar10": ("cifar10", "cifar10", "cifar10"),
+    "celeba64": ("celeba64", "celeba64", "celeba64"),
+    "lsun_church64": ("lsun_church64", "lsun_church64", "lsun_church64"),
+    "celebahq256": ("celebahq256", "celebahq256", "celebahq256"),
+    "fashion_mnist": ("mnist", "fashion_mnist", "fashion_mnist"),
+    "mnist": ("mnist", "fashion_mnist", "fashion_mnist"),
+}
+
+
+def _defaults(dataset: str) -> tuple[str, str, str]:
+    key = dataset.lower().replace("-", "_")
+    if key not in DATASET_DEFAULTS:
+        raise SystemExit(f"vaebm: no default presets for dataset {dataset!r}; pass --model and "
+                         f"--preset (datasets with defaults: {', '.join(DATASET_DEFAULTS)})")
+    return DATASET_DEFAULTS[key]
+
+
+def _config(kind: str, args, preset: str):
+    from .training.config import load_config, make_config, parse_overrides
+
+    overrides = parse_overrides(args.set or [])
+    for flag, field in (("steps", "steps"), ("batch_size", "batch_size"), ("device", "device")):
+        if getattr(args, flag, None) is not None:
+            overrides[field] = getattr(args, flag)
+    overrides["out_dir"] = args.out
+    if getattr(args, "progress", False):
+        overrides["progress"] = True
+    if args.config:
+        return load_config(args.config, kind, overrides)
+    return make_config(kind, args.preset or preset, **overrides)
+
+
+def _dist():
+    import os
+
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        from .training.distributed import init_distributed
+        return init_distributed()
+    return None
+
+
+def cmd_train_vae(args) -> int:
+    """Stage 1: train the NVAE on a dataset read from disk (checkpoints resume automatically)."""
+    from .data import get_dataset
+    from .models.nvae import NVAE
+    from .training.vae import train_vae
+
+    model_preset, vae_preset, _ = _defaults(args.dataset) if not (args.model and args.preset) \
+        else (args.model, args.preset, None)
+    cfg = _config("vae", args, vae_preset)
+    _dist()
+    train = get_dataset(args.dataset, root=args.data_root, split="train")
+    test = get_dataset(args.dataset, root=args.data_root, split="test")
+    vae = NVAE(args.model or model_preset)
+    hist = train_vae(vae, train, cfg, eval_data=test, resume=not args.no_resume and "auto")
+    ev = hist.get("eval") or []
+    last = ev[-1] if ev else {}
+    print(f"stage 1 done: {len(hist.get('loss', []))} iterations this run; "
+          + (f"test {last}" if last else "no evaluation") + f"; checkpoint in {args.out}")
+    return 0
+
+
+def cmd_train_ebm(args) -> int:
+    """Stage 2: train the energy net against a frozen VAE (vaebm or published NVAE checkpoint)."""
+    from .data import get_dataset
+    from .loading import load_vae
+    from .models.energy import EnergyNet
+    from .training.ebm import train_ebm
+
+    _, _, ebm_preset = _defaults(args.dataset) if not args.preset else (None, None, args.preset)
+    cfg = _config("ebm", args, ebm_preset)
+    _dist()
+    vae, info = load_vae(args.vae)
+    c, h = vae.image_shape[0], vae.image_shape[1]
+    energy = EnergyNet(cfg.energy_preset, in_channels=c, resolution=h)
+    data = get_dataset(args.dataset, root=args.data_root, split="train")
+    hist = train_ebm(vae, energy, data, cfg, resume=not args.no_resume and "auto")
+    n = len(hist.get("loss", []))
+    tail = hist.get("loss", [])[-50:]
+    print(f"stage 2 done: {n} iterations this run"
+          + (f", mean loss over the last {len(tail)}: {sum(tail) / len(tail):.4g}" if tail else "")
+          + f"; checkpoint in {args.out}")
+    return 0
+
+
+def cmd_sample(args) -> int:
+    """Draw VAEBM samples (PNG grids, .npz); without --ebm, plain VAE samples."""
+    import json
+    import os
+
+    import numpy as np
+    import torch
+
+    from .imageio import save_grid
+    from .loading import load_ebm, load_vae
+    from .sampling.generate import vaebm_sample
+
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    vae, _ = load_vae(args.vae, map_location=device)
+    vae.to(device)
+    if args.ebm:
+        energy, ck = load_ebm(args.ebm, map_location=device)
+        energy.to(device)
+        conf = ck.get("config") or {}
+    else:
+        energy, conf = (lambda x: x.flatten(1).sum(1) * 0.0), {}
+    steps = args.steps if args.steps is not None else (conf.get("test_ld_steps", 16) if args.ebm else 0)
+    step_size = args.step_size or conf.get("ld_step_size", 8e-5)
+    mode = args.mode or conf.get("energy_mode", "paper")
+    if args.start == "low_temp" and args.readjust_bn and hasattr(vae, "readjust_bn"):
+        vae.readjust_bn(num_batches=args.readjust_bn, batch_size=min(args.batch, 64),
+                        t=args.temperature)
+        vae.eval()
+    res = vaebm_sample(vae, energy, args.n, steps=steps, step_size=step_size, batch=args.batch,
+                       mode=mode, start=args.start, start_t=args.temperature, seed=args.seed,
+                       every=args.every, device=device, backend=args.backend, progress=True)
+    os.makedirs(args.out, exist_ok=True)
+    out = {"samples": res["samples"], "initial": res["initial"]}
+    save_grid(res["samples"], os.path.join(args.out, "samples.png"))
+    save_grid(res["initial"], os.path.join(args.out, "vae_samples.png"))
+    k = min(args.n, 32)  # before/after pairs as Fig. 12: odd columns before, even after
+    pairs = torch.stack([res["initial"][:k], res["samples"][:k]], 1).flatten(0, 1)
+    save_grid(pairs, os.path.join(args.out, "pairs.png"), nrow=8)
+    if "chain" in res:
+        ch = res["chain"][:, : min(args.n, 10)].transpose(0, 1).flatten(0, 1)
+        save_grid(ch, os.path.join(args.out, "chain.png"), nrow=res["chain"].shape[0])
+        out["chain"] = res["chain"]
+    np.savez_compressed(os.path.join(args.out, "samples.npz"),
+                        **{k_: v.numpy() for k_, v in out.items()}, energy=res["energy"].numpy(),
+                        settings=json.dumps(res["settings"]))
+    print(f"{args.n} samples ({steps} Langevin steps, step size {step_size:g}, {mode} energy) "
+          f"-> {args.out}/samples.png, vae_samples.png, pairs.png, samples.npz")
+    return 0
+
+
+def _train_args(p, kind: str):
+    p.add_argument("--dataset", required=True, help="cifar10, fashion_mnist, mnist, celeba64, ...")
+    p.add_argument("--data-root", default=None, help="folder holding the data (see vaebm.data)")
+    p.add_argument("--preset", default=None, help=f"{kind} training preset (default: the dataset's)")
+    p.add_argument("--config", default=None, help=f"TOML file with a [{kind}] table")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config field")
+    p.add_argument("--steps", type=int, default=None, help="training iterations")
+    p.add_argument("--batch-size", type=int, default=None, help="global batch size")
+    p.add_argument("--device", default=None)
+    p.add_argument("--out", required=True, help="run folder (checkpoint, logs, sample grids)")
+    p.add_argument("--no-resume", action="store_true", help="start over even if --out has a checkpoint")
+    p.add_argument("--progress", action="store_true", help="progress bar (needs tqdm)")
+
+
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="vaebm", description="VAEBM: train, sample, evaluate.")
     sub = p.add_subparsers(dest="command", required=True)
@@ -56,6 +208,32 @@ def _parser() -> argparse.ArgumentParser:
     info.add_argument("presets", nargs="*", help="EnergyNet presets (default: the paper's four)")
     info.add_argument("--width", type=float, default=1.0, help="channel width multiplier")
     info.set_defaults(func=cmd_info)
+    tv = sub.add_parser("train-vae", help=cmd_train_vae.__doc__)
+    _train_args(tv, "vae")
+    tv.add_argument("--model", default=None, help="NVAE preset (default: the dataset's)")
+    tv.set_defaults(func=cmd_train_vae)
+    te = sub.add_parser("train-ebm", help=cmd_train_ebm.__doc__)
+    _train_args(te, "ebm")
+    te.add_argument("--vae", required=True, help="stage-1 run folder or checkpoint, or a published NVAE checkpoint")
+    te.set_defaults(func=cmd_train_ebm)
+    sp = sub.add_parser("sample", help=cmd_sample.__doc__)
+    sp.add_argument("--vae", required=True, help="stage-1 run folder/checkpoint or published NVAE checkpoint")
+    sp.add_argument("--ebm", default=None, help="stage-2 run folder or checkpoint")
+    sp.add_argument("--n", type=int, default=64, help="number of samples")
+    sp.add_argument("--batch", type=int, default=50)
+    sp.add_argument("--steps", type=int, default=None, help="Langevin steps (default: the run's test steps)")
+    sp.add_argument("--step-size", type=float, default=None, help="default: the run's")
+    sp.add_argument("--mode", choices=["paper", "official"], default=None, help="eps-space energy")
+    sp.add_argument("--start", choices=["noise", "low_temp"], default="noise")
+    sp.add_argument("--temperature", type=float, default=0.7, help="for --start low_temp")
+    sp.add_argument("--readjust-bn", type=int, default=0, metavar="BATCHES",
+                    help="re-estimate BatchNorm statistics at the temperature first (Appendix E)")
+    sp.add_argument("--every", type=int, default=0, help="keep the chain every k steps (chain.png)")
+    sp.add_argument("--seed", type=int, default=0)
+    sp.add_argument("--device", default=None)
+    sp.add_argument("--backend", default=None, help="Langevin kernel backend")
+    sp.add_argument("--out", default="vaebm-samples")
+    sp.set_defaults(func=cmd_sample)
     return p
 
 

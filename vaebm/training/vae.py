@@ -132,6 +132,12 @@ def evaluate_bpd(vae, data, *, k: int = 100, batch_size: int = 32, n_batches: in
 
 
 # --------------------------------------------------------------------------- trainer
+def _plain_config(conf):
+    """Model configs go into checkpoints as plain dicts: weights-only loading refuses dataclass
+    instances, and a dict stays readable if the class changes."""
+    return dataclasses.asdict(conf) if dataclasses.is_dataclass(conf) else conf
+
+
 class VAETrainer:
     """Stateful stage-1 trainer; :func:`train_vae` is the one-call form.
 
@@ -190,7 +196,8 @@ class VAETrainer:
     def state_dict(self) -> dict:
         return {"format": "vaebm", "kind": "vae", "version": 1, "iteration": self.iteration,
                 "config": to_dict(self.cfg), "vae": self.vae.state_dict(),
-                "vae_config": getattr(self.vae, "config", None),
+                "vae_config": _plain_config(getattr(self.vae, "config", None)),
+                "vae_class": type(self.vae).__name__,
                 "optimizer": self.optimizer.state_dict(), "scaler": self.scaler.state_dict(),
                 "rng": capture_rng(), "world_size": self.world,
                 "trainer": {"lr_scale": self.lr_scale, "failures": self.guard.failures,
