@@ -101,7 +101,7 @@ def cmd_train_vae(args) -> int:
     hist = train_vae(vae, train, cfg, eval_data=test, resume=not args.no_resume and "auto")
     ev = hist.get("eval") or []
     last = ev[-1] if ev else {}
-    print(f"stage 1 done: {len(hist.get('loss', []))} iterations this run; "
+    print(f"stage 1 at iteration {len(hist.get('loss', []))}; "
           + (f"test {last}" if last else "no evaluation") + f"; checkpoint in {args.out}")
     return 0
 
@@ -123,7 +123,7 @@ def cmd_train_ebm(args) -> int:
     hist = train_ebm(vae, energy, data, cfg, resume=not args.no_resume and "auto")
     n = len(hist.get("loss", []))
     tail = hist.get("loss", [])[-50:]
-    print(f"stage 2 done: {n} iterations this run"
+    print(f"stage 2 at iteration {n}"
           + (f", mean loss over the last {len(tail)}: {sum(tail) / len(tail):.4g}" if tail else "")
           + f"; checkpoint in {args.out}")
     return 0

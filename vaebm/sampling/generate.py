@@ -54,6 +54,13 @@ def frozen_params(*modules):
             p.requires_grad_(r)
 
 
+def _fast(model):
+    """The model's sampling mode (cached normalised weights, folded BatchNorm) when it has one:
+    the weights are constant for the whole run, so recomputing their norms every step is waste."""
+    frozen = getattr(model, "frozen", None)
+    return frozen() if callable(frozen) else contextlib.nullcontext()
+
+
 def _check(vae, energy, n, steps, step_size, batch):
     if not isinstance(vae, EpsVAE):
         raise TypeError(f"vae must implement the eps-space contract (eps_shapes, decode_eps, "
@@ -108,7 +115,7 @@ def vaebm_sample(vae: EpsVAE, energy: Callable[[torch.Tensor], torch.Tensor], n:
             batches = tqdm(batches, desc="sampling", unit="batch")
         except ImportError:
             pass
-    with frozen_params(vae, energy):
+    with frozen_params(vae, energy), _fast(vae), _fast(energy):
         for b0 in batches:
             bs = min(int(batch), int(n) - b0)
             _one_batch(vae, energy, fn, lam, pick, b0, bs, steps, step_size, start, start_t,
