@@ -67,11 +67,11 @@ def test_initial_eps_is_standard_normal():
 
 def test_zero_energy_keeps_the_prior():
     """With E = 0 the paper's eps-space target is N(0, I): chains started there stay there.
-    Step size 0.1 for 60 steps; the stationary variance of this discretisation is
+    Step size 0.1 for 30 steps; the stationary variance of this discretisation is
     1 / (1 - eta/4) = 1.026, within the test's tolerance of the exact 1."""
     vae = LinearVAE()
     zero = lambda x: 0.0 * x.flatten(1).sum(1)  # noqa: E731
-    out = vaebm_sample(vae, zero, 3000, steps=60, step_size=0.1, batch=3000, seed=5,
+    out = vaebm_sample(vae, zero, 2000, steps=30, step_size=0.1, batch=2000, seed=5,
                        output="sample", backend="torch")
     x = out["samples"].flatten(1).double()
     cov_true = (vae.A @ vae.A.T).detach().double() + vae.s ** 2 * torch.eye(4, dtype=torch.double)
@@ -87,7 +87,7 @@ def test_energy_tilts_towards_its_minimum():
     vae = LinearVAE()
     k, c = 200.0, 0.2
     energy = lambda x: k * ((x - c) ** 2).flatten(1).sum(1)  # noqa: E731
-    out = vaebm_sample(vae, energy, 2000, steps=300, step_size=0.05, batch=2000, seed=1,
+    out = vaebm_sample(vae, energy, 1000, steps=200, step_size=0.05, batch=1000, seed=1,
                        output="sample", backend="torch")
     # exact target in x: N(m, S) with S = (C^-1 + 2k I)^-1, m = S (C^-1 mu0 + 2k c)
     C = ((vae.A @ vae.A.T) + vae.s ** 2 * torch.eye(4)).detach().double()
