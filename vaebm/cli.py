@@ -21,9 +21,14 @@ def cmd_backends(args) -> int:
 
 
 def cmd_info(args) -> int:
-    """Parameter counts of the energy networks (the four of Table 7 unless presets are named)."""
+    """Parameter counts of the energy networks (the four of Table 7 unless presets are named)
+    and of the NVAE presets (``--nvae``)."""
     from .models.energy import PAPER_PRESETS, describe
 
+    if args.nvae:
+        from .models.nvae import describe as describe_nvae
+        print(describe_nvae())
+        return 0
     for i, preset in enumerate(args.presets or PAPER_PRESETS):
         print(("\n" if i else "") + describe(preset, width=args.width))
     return 0
@@ -207,6 +212,7 @@ def _parser() -> argparse.ArgumentParser:
     info = sub.add_parser("info", help=cmd_info.__doc__)
     info.add_argument("presets", nargs="*", help="EnergyNet presets (default: the paper's four)")
     info.add_argument("--width", type=float, default=1.0, help="channel width multiplier")
+    info.add_argument("--nvae", action="store_true", help="the NVAE presets instead")
     info.set_defaults(func=cmd_info)
     tv = sub.add_parser("train-vae", help=cmd_train_vae.__doc__)
     _train_args(tv, "vae")
