@@ -6,7 +6,6 @@ import struct
 
 import numpy as np
 import pytest
-import torch
 
 from vaebm.cli import main
 from vaebm.imageio import read_png
@@ -34,12 +33,7 @@ def data_root(tmp_path_factory):
     return root
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_train_sample_resume(data_root, tmp_path, capsys):
