@@ -2,6 +2,7 @@
 train-vae -> train-ebm -> sample, resume, reproducibility and errors."""
 
 import gzip
+import json
 import struct
 
 import numpy as np
@@ -66,6 +67,15 @@ def test_train_sample_resume(data_root, tmp_path, capsys):
     assert main([*s_args[:-8], "--batch", "3", *s_args[7:], "--out", str(tmp_path / "s2")]) == 0
     z2 = np.load(tmp_path / "s2" / "samples.npz")
     np.testing.assert_allclose(z2["samples"], z["samples"], atol=1e-5)
+
+    ev = tmp_path / "ev"
+    assert main(["eval", "--vae", str(vae_dir), "--ebm", str(ebm_dir), "--dataset",
+                 "fashion_mnist", "--data-root", str(data_root), "--metrics", "ood,hist",
+                 "--ood", "noise,interp", "--n-ood", "6", "--steps", "1", "--batch", "6", "--out", str(ev)]) == 0
+    res = json.loads((ev / "eval.json").read_text())
+    for name in ("noise", "interp"):
+        assert 0.0 <= res["ood"][name]["auroc"] <= 1.0 and res["ood"][name]["n"] == 6
+    assert (ev / "likelihood_hist.png").exists()
 
 
 def test_errors(tmp_path, data_root):

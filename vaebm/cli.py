@@ -184,6 +184,88 @@ def cmd_sample(args) -> int:
     return 0
 
 
+def _ood_sets(spec: str, test, shape, n: int, root_default=None) -> dict:
+    """``noise,interp,mnist:PATH`` -> {name: images}."""
+    import torch
+
+    from .data import get_dataset
+    from .eval.ood import grey_to_rgb, interpolate_images, noise_images
+
+    g = torch.Generator().manual_seed(0)
+    sets = {}
+    for item in filter(None, (t.strip() for t in spec.split(","))):
+        name, _, path = item.partition(":")
+        if name == "noise":
+            sets["noise"] = noise_images(n, shape, generator=g)
+        elif name == "interp":
+            imgs = torch.stack([test[i][0] for i in range(min(len(test), 2 * n))])
+            sets["interp"] = interpolate_images(imgs, n, generator=g)
+        elif name in ("mnist", "fashion_mnist", "cifar10"):
+            ds = get_dataset(name, root=path or None, split="train" if name == "mnist" else "test")
+            m = min(len(ds), n)
+            imgs = torch.stack([ds[i][0] for i in range(m)])
+            if imgs.shape[1:] != tuple(shape):
+                imgs = grey_to_rgb(imgs, size=shape[-1], channels=shape[0]) if imgs.shape[1] == 1 \
+                    else torch.nn.functional.interpolate(imgs, size=shape[-2:], mode="bilinear")
+            sets[name] = imgs
+        else:
+            raise SystemExit(f"vaebm eval: unknown OOD set {name!r} (noise, interp, mnist[:PATH], "
+                             "fashion_mnist[:PATH], cifar10[:PATH])")
+    return sets
+
+
+def cmd_eval(args) -> int:
+    """Evaluate a VAE or VAEBM: FID/IS, OOD AUROC, likelihood histograms, nearest neighbours,
+    StackedMNIST modes (a report on stdout, figures and eval.json in --out)."""
+    import json
+    import os
+
+    import torch
+
+    from .data import get_dataset
+    from .eval import evaluate, format_report
+    from .eval.ood import elbo_log_p, iwae_log_p, log_h_fn
+    from .loading import load_ebm, load_vae
+    from .sampling.generate import vaebm_sample
+
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    vae, _ = load_vae(args.vae, map_location=device)
+    energy, conf = None, {}
+    if args.ebm:
+        energy, ck = load_ebm(args.ebm, map_location=device)
+        conf = ck.get("config") or {}
+    steps = args.steps if args.steps is not None else (conf.get("test_ld_steps", 16) if energy else 0)
+    step_size = args.step_size or conf.get("ld_step_size", 8e-5)
+    mode = args.mode or conf.get("energy_mode", "paper")
+    zero = lambda x: x.flatten(1).sum(1) * 0.0  # noqa: E731
+    drawn = [0]
+
+    def sampler(b):
+        r = vaebm_sample(vae, energy or zero, b, steps=steps, step_size=step_size,
+                         batch=min(b, args.batch), mode=mode, seed=args.seed, device=device,
+                         first_index=drawn[0], backend=args.backend)
+        drawn[0] += b
+        return r["samples"]
+
+    metrics = [m.strip() for m in args.metrics.split(",") if m.strip()]
+    train = get_dataset(args.dataset, root=args.data_root, split="train")
+    test = get_dataset(args.dataset, root=args.data_root, split="test")
+    log_p = iwae_log_p(vae, args.iwae_k) if args.iwae_k > 1 else elbo_log_p(vae)
+    ood = _ood_sets(args.ood, test, vae.image_shape, args.n_ood) if "ood" in metrics else None
+    res = evaluate(sampler=sampler, n_samples=args.n, metrics=metrics, train_data=train,
+                   test_data=test, fid_stats=args.fid_stats, inception_weights=args.inception_weights,
+                   download=args.download_weights, score_fn=log_h_fn(log_p, energy),
+                   ood_sets=ood, n_ood=args.n_ood, n_hist=args.n_ood, out_dir=args.out,
+                   batch_size=args.batch, device=device, log=print)
+    report = format_report(res)
+    print(f"model: {'VAEBM' if energy else 'VAE'} ({steps} Langevin steps of {step_size:g}); "
+          f"log p from {'IWAE k=%d' % args.iwae_k if args.iwae_k > 1 else 'the ELBO'}\n{report}")
+    os.makedirs(args.out, exist_ok=True)
+    with open(os.path.join(args.out, "eval.json"), "w") as f:
+        json.dump({k: v for k, v in res.items()}, f, indent=1, default=str)
+    return 0
+
+
 def _train_args(p, kind: str):
     p.add_argument("--dataset", required=True, help="cifar10, fashion_mnist, mnist, celeba64, ...")
     p.add_argument("--data-root", default=None, help="folder holding the data (see vaebm.data)")
@@ -240,6 +322,30 @@ def _parser() -> argparse.ArgumentParser:
     sp.add_argument("--backend", default=None, help="Langevin kernel backend")
     sp.add_argument("--out", default="vaebm-samples")
     sp.set_defaults(func=cmd_sample)
+    ev = sub.add_parser("eval", help=cmd_eval.__doc__)
+    ev.add_argument("--vae", required=True)
+    ev.add_argument("--ebm", default=None, help="without it the VAE alone is evaluated")
+    ev.add_argument("--dataset", required=True)
+    ev.add_argument("--data-root", default=None)
+    ev.add_argument("--metrics", default="fid", help="comma list of fid, is, ood, hist, nn, "
+                    "nn_features, modes")
+    ev.add_argument("--n", type=int, default=50_000, help="samples for FID/IS (paper: 50,000)")
+    ev.add_argument("--n-ood", type=int, default=1000, help="images per OOD set / histogram")
+    ev.add_argument("--ood", default="noise,interp", help="OOD sets: noise, interp, mnist[:PATH]")
+    ev.add_argument("--iwae-k", type=int, default=1, help="log p(x) by IWAE with k samples "
+                    "(1: the ELBO)")
+    ev.add_argument("--fid-stats", default=None, help=".npz of reference mu/sigma")
+    ev.add_argument("--inception-weights", default=None)
+    ev.add_argument("--download-weights", action="store_true")
+    ev.add_argument("--steps", type=int, default=None)
+    ev.add_argument("--step-size", type=float, default=None)
+    ev.add_argument("--mode", choices=["paper", "official"], default=None)
+    ev.add_argument("--batch", type=int, default=100)
+    ev.add_argument("--seed", type=int, default=0)
+    ev.add_argument("--device", default=None)
+    ev.add_argument("--backend", default=None)
+    ev.add_argument("--out", default="vaebm-eval")
+    ev.set_defaults(func=cmd_eval)
     return p
 
 

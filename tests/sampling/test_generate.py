@@ -49,6 +49,9 @@ def test_contract_and_batch_invariance():
     b = vaebm_sample(vae, energy, 7, steps=5, step_size=1e-2, batch=3, seed=3, backend="torch")
     torch.testing.assert_close(a["samples"], b["samples"], rtol=0, atol=1e-6)
     torch.testing.assert_close(a["initial"], b["initial"], rtol=0, atol=0)
+    tail = vaebm_sample(vae, energy, 4, steps=5, step_size=1e-2, batch=2, seed=3,
+                        backend="torch", first_index=3)
+    torch.testing.assert_close(tail["samples"], a["samples"][3:], rtol=0, atol=1e-6)
     c = vaebm_sample(vae, energy, 7, steps=5, step_size=1e-2, batch=7, seed=4, backend="torch")
     assert (a["samples"] - c["samples"]).abs().max() > 1e-3  # another seed, other chains
     assert a["samples"].shape == (7, 1, 2, 2) and a["energy"].shape == (7,)

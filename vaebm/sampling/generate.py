@@ -91,7 +91,8 @@ def vaebm_sample(vae: EpsVAE, energy: Callable[[torch.Tensor], torch.Tensor], n:
                  steps: int = 16, step_size: float = 8e-5, batch: int = 50, mode: str = "paper",
                  negative: str = "sample", output: str = "mean", start: str = "noise",
                  start_t: float = 0.7, seed: int = 0, every: int = 0, device=None,
-                 backend: str | None = None, callback=None, progress: bool = False) -> dict:
+                 backend: str | None = None, callback=None, progress: bool = False,
+                 first_index: int = 0) -> dict:
     """``n`` VAEBM samples in batches of ``batch``.
 
     Returns a dict with
@@ -99,6 +100,8 @@ def vaebm_sample(vae: EpsVAE, energy: Callable[[torch.Tensor], torch.Tensor], n:
       ``initial`` the same for the chains' starting points (the VAE's own samples: before/after
       pairs as Fig. 12), ``chain`` (k, n, C, H, W) every ``every`` steps when ``every > 0``
       (Fig. 2b), ``energy`` (n,) the energy-net value of the final ``samples``, and the settings.
+    ``first_index``: global index of the first sample, so successive calls with
+    first_index = 0, n, 2n, ... continue one seeded sequence instead of repeating it.
     """
     _check(vae, energy, n, steps, step_size, batch)
     if output not in ("mean", "sample"):
@@ -118,12 +121,13 @@ def vaebm_sample(vae: EpsVAE, energy: Callable[[torch.Tensor], torch.Tensor], n:
     with frozen_params(vae, energy), _fast(vae), _fast(energy):
         for b0 in batches:
             bs = min(int(batch), int(n) - b0)
-            _one_batch(vae, energy, fn, lam, pick, b0, bs, steps, step_size, start, start_t,
+            _one_batch(vae, energy, fn, lam, pick, int(first_index) + b0, bs, steps, step_size, start, start_t,
                        seed, every, device, backend, callback, outs, inits, chains, energies)
     res = {"samples": torch.cat(outs), "initial": torch.cat(inits), "energy": torch.cat(energies),
            "settings": {"n": int(n), "steps": int(steps), "step_size": float(step_size),
                         "batch": int(batch), "mode": mode, "negative": negative, "output": output,
-                        "start": start, "start_t": float(start_t), "seed": int(seed)}}
+                        "start": start, "start_t": float(start_t), "seed": int(seed),
+                        "first_index": int(first_index)}}
     if chains:
         res["chain"] = torch.cat(chains, dim=1)
     return res
