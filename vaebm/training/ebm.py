@@ -36,9 +36,9 @@ from ..sampling.generate import frozen_params, initial_eps
 from ..sampling.langevin import FusedLangevin
 from . import distributed as D
 from .checkpoint import (CheckpointError, DivergenceGuard, TrainingDiverged, capture_rng,
-                         load_latest, restore_rng, save_checkpoint, to_cpu)
+                         load_latest, restore_rng, save_checkpoint)
 from .config import EBMConfig, to_dict
-from .logging import TrainLogger
+from .loop import TrainLoop
 
 __all__ = ["EBMTrainer", "train_ebm", "clip_grad_adam_", "DataError", "TrainingDiverged",
            "check_batch", "load_energy"]
@@ -110,8 +110,9 @@ def _grad_norm(params) -> torch.Tensor:
     return torch.stack(norms).norm() if norms else torch.zeros(())
 
 
-class EBMTrainer:
-    """Stateful stage-2 trainer; :func:`train_ebm` is the one-call form.
+class EBMTrainer(TrainLoop):
+    """Stateful stage-2 trainer; :func:`train_ebm` is the one-call form (the loop itself,
+    resume and rollback are :class:`~.loop.TrainLoop`'s).
 
     Args:
       vae: a VAE with the eps-space contract (:class:`vaebm.models.eps_space.EpsVAE`).
@@ -124,27 +125,17 @@ class EBMTrainer:
         True stops training (a checkpoint is written).
     """
 
+    kind, ckpt_name = "ebm", CKPT_NAME
+
     def __init__(self, vae, energy, data, cfg: EBMConfig, *, callback=None, device=None):
-        self.cfg, self.callback = cfg, callback
-        self.rank, self.world = D.world()
-        if cfg.batch_size % self.world:
-            raise ValueError(f"batch_size {cfg.batch_size} is not divisible by {self.world} ranks")
-        self.local_batch = cfg.batch_size // self.world
-        self.device = D.default_device(energy, device or cfg.device)
+        self._init_loop(cfg, energy, callback=callback, device=device)
         self.vae, self.energy = vae.to(self.device), energy.to(self.device)
         self.vae.eval()
         for p in self.vae.parameters():
             p.requires_grad_(False)
         self.data_shape = tuple(vae.eps_shapes(1)[-1][1:])
         self.z_shapes = [tuple(s[1:]) for s in vae.eps_shapes(1)[:-1]]
-        self.stream = None
-        if callable(data) and not hasattr(data, "__getitem__"):
-            self.data_fn = data
-        else:
-            self.data_fn = None
-            self.stream = D.BatchStream(data, cfg.batch_size, seed=cfg.seed, rank=self.rank,
-                                        world=self.world, num_workers=cfg.num_workers,
-                                        pin_memory=self.device.type == "cuda")
+        self._open_data(data)
         self.params = [p for p in energy.parameters() if p.requires_grad]
         self.optimizer = torch.optim.Adam(self.params, lr=cfg.lr, betas=tuple(cfg.betas),
                                           weight_decay=cfg.weight_decay)
@@ -156,22 +147,17 @@ class EBMTrainer:
                                        device=self.device,
                                        dtype=getattr(torch, cfg.buffer_dtype))
         self.guard = DivergenceGuard(cfg.max_energy_gap, cfg.max_grad_norm, cfg.max_failures)
-        self.iteration = 0
         self.lr_scale, self.seed_offset = 1.0, 0
         self.history = {k: [] for k in ("iteration", "loss", "e_pos", "e_neg", "spectral",
                                         "grad_norm", "lr", "buffer_p", "replayed", "seconds")}
         self.history["events"] = []
-        self.out_dir = Path(cfg.out_dir) if cfg.out_dir else None
-        self.logger = None
-        self._snapshot = None
-        self._fail_it = -1
         self.vae_fingerprint = _fingerprint(vae)
 
-    # ------------------------------------------------------------------ state
     @property
-    def ckpt_path(self) -> Path | None:
-        return self.out_dir / CKPT_NAME if self.out_dir else None
+    def total(self) -> int:
+        return self.cfg.steps
 
+    # ------------------------------------------------------------------ state
     def state_dict(self, *, with_buffer: bool = True) -> dict:
         """Everything to resume exactly at ``self.iteration`` (the next iteration to run).
         ``with_buffer=False`` leaves the replay buffer out (in-memory rollback points: copying
@@ -225,23 +211,16 @@ class EBMTrainer:
         D.barrier()
         return path
 
-    def resume(self, path) -> None:
-        ck, used = load_latest(path, kind="ebm")
-        self.load_state_dict(ck)
+    def _resume_extra(self, path) -> None:
+        # ranks > 0 take their own replay buffer, saved beside the checkpoint by save()
         if self.rank > 0 and self.buffer is not None:
             bp = Path(path).with_name(f"{Path(path).stem}.buffer-rank{self.rank}.pt")
             if bp.exists():
                 b = load_latest(bp)[0]
                 if int(b["iteration"]) == self.iteration:
                     self.buffer.load_state_dict(b["buffer"])
-        self._event(f"resumed from {used} at iteration {self.iteration}")
 
     # ------------------------------------------------------------------ pieces
-    def _event(self, msg: str) -> None:
-        self.history["events"].append({"iteration": self.iteration, "message": msg})
-        if self.logger is not None:
-            self.logger.event(self.iteration, msg)
-
     def chain_seed(self, it: int) -> int:
         """Philox seed of iteration ``it``'s starts and chain noise (same on every rank)."""
         return (self.cfg.seed * 0x9E3779B1 + self.seed_offset * 0x85EBCA77 + it) % (2**62)
@@ -344,38 +323,18 @@ class EBMTrainer:
         self._x_neg = x_neg
         return stats, None
 
-    def _take_snapshot(self):
+    def _snapshot_state(self) -> dict:
         # without the buffer: a rollback keeps the chains pushed since, which all came from
         # iterations that passed the divergence checks
-        self._snapshot = to_cpu(self.state_dict(with_buffer=False))
-        if self.iteration > self._fail_it:
-            self.guard.failures = 0
+        return self.state_dict(with_buffer=False)
 
-    def _rollback(self, it: int, reason: str) -> None:
-        self.guard.fail(reason, it)  # raises after max_failures in a row
-        lr_scale, seed_offset, failures = self.lr_scale, self.seed_offset, self.guard.failures
-        if self.cfg.on_divergence == "lr":
-            lr_scale *= self.cfg.divergence_lr_factor
-        else:
-            seed_offset += 1
-        self.load_state_dict(self._snapshot, restore_counters=False)
-        self.lr_scale, self.seed_offset, self.guard.failures = lr_scale, seed_offset, failures
-        self._fail_it = max(self._fail_it, it)
-        how = (f"lr x{self.cfg.divergence_lr_factor} -> {self.cfg.lr * lr_scale:.3g}"
-               if self.cfg.on_divergence == "lr" else f"new chain seed offset {seed_offset}")
-        self._event(f"divergence at iteration {it}: {reason}; rolled back to iteration "
-                    f"{self.iteration} ({how}; failure {failures} of {self.cfg.max_failures})")
-
-    def _record(self, it, stats):
-        h = self.history
-        h["iteration"].append(it)
-        for k in ("loss", "e_pos", "e_neg", "spectral", "grad_norm", "lr", "buffer_p",
-                  "replayed", "seconds"):
-            h[k].append(float(stats.get(k, 0.0)))
-        if self.logger is not None and self.cfg.log_every and it % self.cfg.log_every == 0:
-            self.logger.log(it, {k: float(stats.get(k, 0.0)) for k in
-                                 ("loss", "e_pos", "e_neg", "spectral", "grad_norm", "lr",
-                                  "buffer_p", "replayed", "seconds")})
+    def _remedy(self) -> str:
+        cfg = self.cfg
+        if cfg.on_divergence == "lr":
+            self.lr_scale *= cfg.divergence_lr_factor
+            return f"lr x{cfg.divergence_lr_factor} -> {cfg.lr * self.lr_scale:.3g}"
+        self.seed_offset += 1
+        return f"new chain seed offset {self.seed_offset}"
 
     def _grid(self, it):
         if self.out_dir is None or self.rank != 0:
@@ -386,62 +345,17 @@ class EBMTrainer:
         if self.logger is not None:
             self.logger.image("negatives", grid, it)
 
-    # ------------------------------------------------------------------ loop
-    def run(self, resume="auto") -> dict:
-        """Train until ``cfg.steps`` iterations; returns the history dict.
-        ``resume``: "auto" (continue from ``out_dir/ebm.pt`` when it exists), False, or a path."""
-        cfg = self.cfg
-        if resume == "auto":
-            resume = self.ckpt_path if self.ckpt_path is not None and (
-                self.ckpt_path.exists() or Path(str(self.ckpt_path) + ".prev").exists()) else None
-        if resume:
-            self.resume(resume)
-        else:
-            torch.manual_seed(cfg.seed)
-        self.logger = TrainLogger(self.out_dir, "ebm", start=self.iteration,
-                                  tensorboard=cfg.tensorboard, progress=cfg.progress,
-                                  total=cfg.steps, enabled=self.rank == 0)
-        try:
-            if not resume:
-                D.broadcast_module(self.energy)  # every rank starts from rank 0's weights
-                self.data_init()
-            self._take_snapshot()
-            it = self.iteration
-            source = self._source(it)
-            while it < cfg.steps:
-                if it % cfg.snapshot_every == 0 and it != self._snapshot["iteration"]:
-                    self._take_snapshot()
-                it_data, x = next(source)
-                assert it_data == it
-                stats, reason = self.train_step(it, x)
-                if reason is not None:
-                    self._rollback(it, reason)
-                    it = self.iteration
-                    source = self._source(it)
-                    continue
-                self.iteration = it = it + 1
-                self._record(it - 1, stats)
-                if cfg.sample_every and it % cfg.sample_every == 0:
-                    self._grid(it - 1)
-                stop = bool(self.callback(self, it - 1, stats)) if self.callback else False
-                if stop or (cfg.ckpt_every and it % cfg.ckpt_every == 0) or it == cfg.steps:
-                    self.save()
-                if stop:
-                    self._event(f"stopped by the callback after iteration {it - 1}")
-                    break
-        finally:
-            self.logger.close()
-        return self.history
+    # ------------------------------------------------------------------ loop hooks
+    def _fresh_start(self) -> None:
+        D.broadcast_module(self.energy)  # every rank starts from rank 0's weights
+        self.data_init()
 
-    def _source(self, it):
-        if self.stream is not None:
-            return self.stream.iterate(it)
+    def _after_iteration(self, it: int) -> None:
+        if self.cfg.sample_every and it % self.cfg.sample_every == 0:
+            self._grid(it - 1)
 
-        def gen(i):
-            while True:
-                yield i, self.data_fn(i)
-                i += 1
-        return gen(it)
+    def _on_stop(self, it: int) -> None:
+        self._event(f"stopped by the callback after iteration {it}")
 
 
 def load_energy(path, *, map_location="cpu"):

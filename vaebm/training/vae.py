@@ -30,10 +30,10 @@ import torch
 
 from . import distributed as D
 from .checkpoint import (CheckpointError, DivergenceGuard, capture_rng, load_latest,
-                         restore_rng, save_checkpoint, to_cpu)
+                         restore_rng, save_checkpoint)
 from .config import VAEConfig, to_dict
 from .ebm import DataError, check_batch
-from .logging import TrainLogger
+from .loop import TrainLoop
 
 __all__ = ["VAETrainer", "train_vae", "kl_coeff", "kl_balance_coeffs", "group_alpha",
            "lr_at", "wdn_coeff", "bits_per_dim", "evaluate_bpd", "load_vae_weights"]
@@ -138,33 +138,25 @@ def _plain_config(conf):
     return dataclasses.asdict(conf) if dataclasses.is_dataclass(conf) else conf
 
 
-class VAETrainer:
-    """Stateful stage-1 trainer; :func:`train_vae` is the one-call form.
+class VAETrainer(TrainLoop):
+    """Stateful stage-1 trainer; :func:`train_vae` is the one-call form (the loop itself,
+    resume and rollback are :class:`~.loop.TrainLoop`'s).
 
     ``data``: Dataset / tensor of (N, C, H, W) images in [0, 1] (or callable ``it -> batch``;
     then give ``cfg.steps``). ``eval_data``: evaluated in bits/dim every ``eval_every`` and at
     the end. ``callback(trainer, it, stats)`` returning True stops (after a checkpoint).
     """
 
+    kind, ckpt_name = "vae", CKPT_NAME
+
     def __init__(self, vae, data, cfg: VAEConfig, *, eval_data=None, callback=None, device=None):
-        self.cfg, self.callback, self.eval_data = cfg, callback, eval_data
-        self.rank, self.world = D.world()
-        if cfg.batch_size % self.world:
-            raise ValueError(f"batch_size {cfg.batch_size} is not divisible by {self.world} ranks")
-        self.local_batch = cfg.batch_size // self.world
-        self.device = D.default_device(vae, device or cfg.device)
+        self._init_loop(cfg, vae, callback=callback, device=device)
+        self.eval_data = eval_data
         self.vae = vae.to(self.device)
-        self.stream, self.data_fn = None, None
-        if callable(data) and not hasattr(data, "__getitem__"):
-            self.data_fn = data
-            if cfg.steps is None:
-                raise ValueError("with a callable data source give cfg.steps (no epoch length)")
-            per_epoch = None
-        else:
-            self.stream = D.BatchStream(data, cfg.batch_size, seed=cfg.seed, rank=self.rank,
-                                        world=self.world, num_workers=cfg.num_workers,
-                                        pin_memory=self.device.type == "cuda")
-            per_epoch = self.stream.per_epoch
+        self._open_data(data)
+        if self.stream is None and cfg.steps is None:
+            raise ValueError("with a callable data source give cfg.steps (no epoch length)")
+        per_epoch = self.stream.per_epoch if self.stream is not None else None
         self.total = int(cfg.steps if cfg.steps is not None else round(cfg.epochs * per_epoch))
         self.warmup = int(cfg.warmup_steps if cfg.warmup_steps is not None
                           else round(cfg.warmup_epochs * (per_epoch or 0)))
@@ -179,19 +171,12 @@ class VAETrainer:
                                            self.amp_dtype == torch.float16)
         self.alpha = group_alpha(vae, self.device)
         self.guard = DivergenceGuard(None, cfg.max_grad_norm, cfg.max_failures)
-        self.iteration, self.lr_scale = 0, 1.0
+        self.lr_scale = 1.0
         self.history = {k: [] for k in ("iteration", "loss", "nelbo", "recon", "kl", "kl_coeff",
                                         "wdn", "spectral", "bn", "grad_norm", "lr", "seconds")}
         self.history.update(events=[], eval=[])
-        self.out_dir = Path(cfg.out_dir) if cfg.out_dir else None
-        self.logger = None
-        self._snapshot, self._fail_it = None, -1
         self.data_shape = (tuple(vae.eps_shapes(1)[-1][1:]) if hasattr(vae, "eps_shapes")
                            else None)  # else fixed by the first batch
-
-    @property
-    def ckpt_path(self):
-        return self.out_dir / CKPT_NAME if self.out_dir else None
 
     def state_dict(self) -> dict:
         return {"format": "vaebm", "kind": "vae", "version": 1, "iteration": self.iteration,
@@ -226,11 +211,6 @@ class VAETrainer:
             save_checkpoint(self.state_dict(), path)
         D.barrier()
         return path
-
-    def _event(self, msg):
-        self.history["events"].append({"iteration": self.iteration, "message": msg})
-        if self.logger is not None:
-            self.logger.event(self.iteration, msg)
 
     def train_step(self, it: int, x: torch.Tensor):
         """One iteration; returns (stats, divergence reason or None). No state changes on
@@ -292,20 +272,9 @@ class VAETrainer:
         stats["seconds"] = time.perf_counter() - t0
         return stats, None
 
-    def _take_snapshot(self):
-        self._snapshot = to_cpu(self.state_dict())
-        if self.iteration > self._fail_it:
-            self.guard.failures = 0
-
-    def _rollback(self, it, reason):
-        self.guard.fail(reason, it)
-        scale, failures = self.lr_scale * self.cfg.divergence_lr_factor, self.guard.failures
-        self.load_state_dict(self._snapshot, restore_counters=False)
-        self.lr_scale, self.guard.failures = scale, failures
-        self._fail_it = max(self._fail_it, it)
-        self._event(f"divergence at iteration {it}: {reason}; rolled back to iteration "
-                    f"{self.iteration} (lr scale {scale:g}; failure {failures} of "
-                    f"{self.cfg.max_failures})")
+    def _remedy(self) -> str:
+        self.lr_scale *= self.cfg.divergence_lr_factor
+        return f"lr scale {self.lr_scale:g}"
 
     def evaluate(self) -> dict | None:
         if self.eval_data is None:
@@ -337,69 +306,16 @@ class VAETrainer:
         if self.logger is not None:
             self.logger.image("samples", grid, self.iteration)
 
-    def _record(self, it, stats):
-        h = self.history
-        h["iteration"].append(it)
-        keys = [k for k in h if k not in ("iteration", "events", "eval")]
-        for k in keys:
-            h[k].append(float(stats.get(k, 0.0)))
-        if self.logger is not None and self.cfg.log_every and it % self.cfg.log_every == 0:
-            self.logger.log(it, {k: float(stats.get(k, 0.0)) for k in keys})
+    # ------------------------------------------------------------------ loop hooks
+    def _fresh_start(self) -> None:
+        D.broadcast_module(self.vae)  # every rank starts from rank 0's weights
 
-    def run(self, resume="auto") -> dict:
+    def _after_iteration(self, it: int) -> None:
         cfg = self.cfg
-        if resume == "auto":
-            p = self.ckpt_path
-            found = p is not None and (p.exists() or Path(str(p) + ".prev").exists())
-            resume = p if found else None
-        if resume:
-            ck, used = load_latest(resume, kind="vae")
-            self.load_state_dict(ck)
-            self._event(f"resumed from {used} at iteration {self.iteration}")
-        else:
-            torch.manual_seed(cfg.seed)
-            D.broadcast_module(self.vae)
-        self.logger = TrainLogger(self.out_dir, "vae", start=self.iteration,
-                                  tensorboard=cfg.tensorboard, progress=cfg.progress,
-                                  total=self.total, enabled=self.rank == 0)
-        try:
-            self._take_snapshot()
-            it = self.iteration
-            source = self._source(it)
-            while it < self.total:
-                if it % cfg.snapshot_every == 0 and it != self._snapshot["iteration"]:
-                    self._take_snapshot()
-                _, x = next(source)
-                stats, reason = self.train_step(it, x)
-                if reason is not None:
-                    self._rollback(it, reason)
-                    it = self.iteration
-                    source = self._source(it)
-                    continue
-                self.iteration = it = it + 1
-                self._record(it - 1, stats)
-                if (cfg.eval_every and it % cfg.eval_every == 0) or it == self.total:
-                    self.evaluate()  # and always at the end, before the last checkpoint
-                if cfg.sample_every and it % cfg.sample_every == 0 and self.out_dir is not None:
-                    self.sample_grid(self.out_dir / "samples" / f"vae_{it:07d}.png")
-                stop = bool(self.callback(self, it - 1, stats)) if self.callback else False
-                if stop or (cfg.ckpt_every and it % cfg.ckpt_every == 0) or it == self.total:
-                    self.save()
-                if stop:
-                    break
-        finally:
-            self.logger.close()
-        return self.history
-
-    def _source(self, it):
-        if self.stream is not None:
-            return self.stream.iterate(it)
-
-        def gen(i):
-            while True:
-                yield i, self.data_fn(i)
-                i += 1
-        return gen(it)
+        if (cfg.eval_every and it % cfg.eval_every == 0) or it == self.total:
+            self.evaluate()  # and always at the end, before the last checkpoint
+        if cfg.sample_every and it % cfg.sample_every == 0 and self.out_dir is not None:
+            self.sample_grid(self.out_dir / "samples" / f"vae_{it:07d}.png")
 
 
 def load_vae_weights(vae, path, *, map_location="cpu", strict: bool = True):

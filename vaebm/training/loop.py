@@ -1,0 +1,190 @@
+"""The training loop both stages share: resume-or-fresh start, divergence rollback, records.
+
+:class:`TrainLoop` holds what :class:`~.vae.VAETrainer` (stage 1) and
+:class:`~.ebm.EBMTrainer` (stage 2) do alike; each subclass supplies the model-specific parts::
+
+    kind                   "vae" / "ebm": the checkpoint kind and the log's name
+    ckpt_name              file name of the checkpoint in ``out_dir``
+    total                  number of iterations to train (an int attribute or property)
+    train_step(it, x)      -> (stats dict, divergence reason or None); no state change on
+                           divergence
+    state_dict(...), load_state_dict(ck, restore_counters=...), save(path=None)
+    _fresh_start()         collectives and inits of a run that does not resume (inside the
+                           logger's lifetime, after ``torch.manual_seed(cfg.seed)``)
+    _after_iteration(it)   evaluation / sample grids once ``it`` iterations are complete
+    _remedy()              after a divergence: change lr_scale (or the chains' seed), return
+                           the words for the event log
+    _snapshot_state()      what an in-memory rollback point holds (default: state_dict())
+    _resume_extra(path)    per-rank state beside the checkpoint (default: nothing)
+    _on_stop(it)           callback asked to stop after iteration ``it`` (default: nothing)
+
+The subclass ``__init__`` calls :meth:`_init_loop` first and :meth:`_open_data` where its data
+source should be built. Its history dict must hold ``"iteration"`` and ``"events"`` lists and one
+list per logged stat (plus an optional ``"eval"`` list, not a stat).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from . import distributed as D
+from .checkpoint import load_latest, to_cpu
+from .logging import TrainLogger
+
+__all__ = ["TrainLoop"]
+
+_NOT_STATS = ("iteration", "events", "eval")  # history lists that are not per-iteration stats
+
+
+class TrainLoop:
+    """Base of the stage-1 and stage-2 trainers (see the module doc for the hooks)."""
+
+    kind: str = ""
+    ckpt_name: str = ""
+
+    def _init_loop(self, cfg, model, *, callback=None, device=None) -> None:
+        """Ranks, local batch and device (from ``model``'s parameters unless given), counters."""
+        self.cfg, self.callback = cfg, callback
+        self.rank, self.world = D.world()
+        if cfg.batch_size % self.world:
+            raise ValueError(f"batch_size {cfg.batch_size} is not divisible by {self.world} ranks")
+        self.local_batch = cfg.batch_size // self.world
+        self.device = D.default_device(model, device or cfg.device)
+        self.iteration = 0
+        self.out_dir = Path(cfg.out_dir) if cfg.out_dir else None
+        self.logger = None
+        self._snapshot, self._fail_it = None, -1
+
+    def _open_data(self, data) -> None:
+        """A callable ``data(it) -> this rank's batch`` is used as is (``self.data_fn``); a
+        Dataset / tensor goes through a resumable :class:`~.distributed.BatchStream`."""
+        self.stream, self.data_fn = None, None
+        if callable(data) and not hasattr(data, "__getitem__"):
+            self.data_fn = data
+        else:
+            cfg = self.cfg
+            self.stream = D.BatchStream(data, cfg.batch_size, seed=cfg.seed, rank=self.rank,
+                                        world=self.world, num_workers=cfg.num_workers,
+                                        pin_memory=self.device.type == "cuda")
+
+    # ------------------------------------------------------------------ state
+    @property
+    def ckpt_path(self) -> Path | None:
+        return self.out_dir / self.ckpt_name if self.out_dir else None
+
+    def resume(self, path) -> None:
+        """Load the newest readable of ``path`` / ``path.prev`` and continue from it."""
+        ck, used = load_latest(path, kind=self.kind)
+        self.load_state_dict(ck)
+        self._resume_extra(path)
+        self._event(f"resumed from {used} at iteration {self.iteration}")
+
+    # ------------------------------------------------------------------ hooks
+    def _fresh_start(self) -> None:
+        pass
+
+    def _after_iteration(self, it: int) -> None:
+        pass
+
+    def _resume_extra(self, path) -> None:
+        pass
+
+    def _on_stop(self, it: int) -> None:
+        pass
+
+    def _snapshot_state(self) -> dict:
+        return self.state_dict()
+
+    def _remedy(self) -> str:
+        raise NotImplementedError
+
+    # ------------------------------------------------------------------ pieces
+    def _event(self, msg: str) -> None:
+        self.history["events"].append({"iteration": self.iteration, "message": msg})
+        if self.logger is not None:
+            self.logger.event(self.iteration, msg)
+
+    def _take_snapshot(self) -> None:
+        self._snapshot = to_cpu(self._snapshot_state())
+        if self.iteration > self._fail_it:  # past the last failure: the streak is over
+            self.guard.failures = 0
+
+    def _rollback(self, it: int, reason: str) -> None:
+        """Back to the last snapshot after a divergence at ``it``, with the remedy applied;
+        the guard raises :class:`~.checkpoint.TrainingDiverged` after max_failures in a row."""
+        self.guard.fail(reason, it)
+        failures = self.guard.failures
+        how = self._remedy()  # counters survive: loaded with restore_counters=False
+        self.load_state_dict(self._snapshot, restore_counters=False)
+        self._fail_it = max(self._fail_it, it)
+        self._event(f"divergence at iteration {it}: {reason}; rolled back to iteration "
+                    f"{self.iteration} ({how}; failure {failures} of {self.cfg.max_failures})")
+
+    def _record(self, it: int, stats: dict) -> None:
+        h = self.history
+        h["iteration"].append(it)
+        keys = [k for k in h if k not in _NOT_STATS]
+        for k in keys:
+            h[k].append(float(stats.get(k, 0.0)))
+        if self.logger is not None and self.cfg.log_every and it % self.cfg.log_every == 0:
+            self.logger.log(it, {k: float(stats.get(k, 0.0)) for k in keys})
+
+    def _source(self, it: int):
+        """Iterator of (iteration, batch) from iteration ``it`` on."""
+        if self.stream is not None:
+            return self.stream.iterate(it)
+
+        def gen(i):
+            while True:
+                yield i, self.data_fn(i)
+                i += 1
+        return gen(it)
+
+    # ------------------------------------------------------------------ loop
+    def run(self, resume="auto") -> dict:
+        """Train until ``self.total`` iterations; returns the history dict. ``resume``: "auto"
+        (continue from ``out_dir/<ckpt_name>`` or its ``.prev`` when one exists), False, or a
+        path."""
+        cfg = self.cfg
+        if resume == "auto":
+            p = self.ckpt_path
+            found = p is not None and (p.exists() or Path(str(p) + ".prev").exists())
+            resume = p if found else None
+        if resume:
+            self.resume(resume)
+        else:
+            torch.manual_seed(cfg.seed)
+        self.logger = TrainLogger(self.out_dir, self.kind, start=self.iteration,
+                                  tensorboard=cfg.tensorboard, progress=cfg.progress,
+                                  total=self.total, enabled=self.rank == 0)
+        try:
+            if not resume:
+                self._fresh_start()
+            self._take_snapshot()
+            it = self.iteration
+            source = self._source(it)
+            while it < self.total:
+                if it % cfg.snapshot_every == 0 and it != self._snapshot["iteration"]:
+                    self._take_snapshot()
+                it_data, x = next(source)
+                assert it_data == it
+                stats, reason = self.train_step(it, x)
+                if reason is not None:
+                    self._rollback(it, reason)
+                    it = self.iteration
+                    source = self._source(it)
+                    continue
+                self.iteration = it = it + 1
+                self._record(it - 1, stats)
+                self._after_iteration(it)
+                stop = bool(self.callback(self, it - 1, stats)) if self.callback else False
+                if stop or (cfg.ckpt_every and it % cfg.ckpt_every == 0) or it == self.total:
+                    self.save()
+                if stop:
+                    self._on_stop(it - 1)
+                    break
+        finally:
+            self.logger.close()
+        return self.history
