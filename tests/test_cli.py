@@ -70,12 +70,13 @@ def test_train_sample_resume(data_root, tmp_path, capsys):
 
     ev = tmp_path / "ev"
     assert main(["eval", "--vae", str(vae_dir), "--ebm", str(ebm_dir), "--dataset",
-                 "fashion_mnist", "--data-root", str(data_root), "--metrics", "ood,hist",
+                 "fashion_mnist", "--data-root", str(data_root), "--metrics", "ood,hist,bpd",
                  "--ood", "noise,interp", "--n-ood", "6", "--steps", "1", "--batch", "6", "--out", str(ev)]) == 0
     res = json.loads((ev / "eval.json").read_text())
     for name in ("noise", "interp"):
         assert 0.0 <= res["ood"][name]["auroc"] <= 1.0 and res["ood"][name]["n"] == 6
     assert (ev / "likelihood_hist.png").exists()
+    assert res["bpd"]["n"] == 6 and 0 < res["bpd"]["bpd"] < 16
 
 
 def test_errors(tmp_path, data_root):

@@ -250,13 +250,24 @@ def cmd_eval(args) -> int:
     metrics = [m.strip() for m in args.metrics.split(",") if m.strip()]
     train = get_dataset(args.dataset, root=args.data_root, split="train")
     test = get_dataset(args.dataset, root=args.data_root, split="test")
+    bpd = None
+    if "bpd" in metrics:  # the VAE's test bits/dim by the IWAE bound (stage 1's own metric)
+        from .training.vae import evaluate_bpd
+        metrics.remove("bpd")
+        bpd = evaluate_bpd(vae, test, k=max(args.iwae_k, 1), batch_size=args.batch,
+                           n_batches=-(-args.n_ood // args.batch), device=device)
+        print(f"VAE test bits/dim {bpd['bpd']:.4f} (IWAE k={bpd['k']}, {bpd['n']} test images)")
     log_p = iwae_log_p(vae, args.iwae_k) if args.iwae_k > 1 else elbo_log_p(vae)
     ood = _ood_sets(args.ood, test, vae.image_shape, args.n_ood) if "ood" in metrics else None
-    res = evaluate(sampler=sampler, n_samples=args.n, metrics=metrics, train_data=train,
+    res = {"report": []} if not metrics else evaluate(sampler=sampler, n_samples=args.n, metrics=metrics, train_data=train,
                    test_data=test, fid_stats=args.fid_stats, inception_weights=args.inception_weights,
                    download=args.download_weights, score_fn=log_h_fn(log_p, energy),
                    ood_sets=ood, n_ood=args.n_ood, n_hist=args.n_ood, out_dir=args.out,
                    batch_size=args.batch, device=device, log=print)
+    if bpd is not None:
+        res["bpd"] = bpd
+        res["report"].insert(0, f"VAE test bits/dim {bpd['bpd']:.4f} (IWAE k={bpd['k']}, "
+                                f"{bpd['n']} test images)")
     report = format_report(res)
     print(f"model: {'VAEBM' if energy else 'VAE'} ({steps} Langevin steps of {step_size:g}); "
           f"log p from {'IWAE k=%d' % args.iwae_k if args.iwae_k > 1 else 'the ELBO'}\n{report}")
@@ -327,8 +338,8 @@ def _parser() -> argparse.ArgumentParser:
     ev.add_argument("--ebm", default=None, help="without it the VAE alone is evaluated")
     ev.add_argument("--dataset", required=True)
     ev.add_argument("--data-root", default=None)
-    ev.add_argument("--metrics", default="fid", help="comma list of fid, is, ood, hist, nn, "
-                    "nn_features, modes")
+    ev.add_argument("--metrics", default="fid", help="comma list of bpd, fid, is, ood, hist, "
+                    "nn, nn_features, modes")
     ev.add_argument("--n", type=int, default=50_000, help="samples for FID/IS (paper: 50,000)")
     ev.add_argument("--n-ood", type=int, default=1000, help="images per OOD set / histogram")
     ev.add_argument("--ood", default="noise,interp", help="OOD sets: noise, interp, mnist[:PATH]")

@@ -117,7 +117,8 @@ def evaluate_bpd(vae, data, *, k: int = 100, batch_size: int = 32, n_batches: in
             x = torch.stack([it[0] if isinstance(it, (tuple, list)) else it for it in items])
             if device is not None:
                 x = x.to(device)
-            lp = vae.iwae(x, k).double()
+            # NVAE's densities are of the [-1, 1]-scaled image; bits/dim are for [0, 1] pixels
+            lp = vae.iwae(x, k).double() + float(getattr(vae, "x_scale_log_det", 0.0))
             if not torch.isfinite(lp).all():
                 raise ValueError(f"non-finite IWAE bound in evaluation batch {b}")
             total += float(bits_per_dim(lp, x[0].numel(), n_bits).sum())
