@@ -219,3 +219,21 @@ def test_cuda_fp16_gradscaler(tmp_path):
     assert all(np.isfinite(h["nelbo"]))
     ck = load_checkpoint(tmp_path / "vae.pt")
     assert ck["scaler"]["scale"] > 0
+
+
+def test_bits_per_dim_uses_the_density_of_the_unit_range_image():
+    """NVAE scores x mapped to [-1, 1]; the [0, 1] image's density is 2^D times larger, so the
+    reported bits/dim must be exactly one lower than the [-1, 1] density's."""
+    import math
+
+    from vaebm.training.vae import evaluate_bpd
+
+    class Const(torch.nn.Module):
+        x_scale_log_det = 4 * math.log(2.0)  # D = 4
+
+        def iwae(self, x, k):
+            return torch.full((x.shape[0],), -3.0, dtype=torch.float64)
+
+    x = torch.rand(6, 1, 2, 2)
+    got = evaluate_bpd(Const(), x, k=1, batch_size=4)["bpd"]
+    assert got == pytest.approx(3.0 / (4 * math.log(2)) - 1 + 8, abs=1e-12)
