@@ -98,7 +98,9 @@ class TrainLoop:
         return self.state_dict()
 
     def _remedy(self) -> str:
-        raise NotImplementedError
+        """What a rollback changes before retrying (default: the learning rate lowered)."""
+        self.lr_scale *= self.cfg.divergence_lr_factor
+        return f"lr scale {self.lr_scale:g}"
 
     # ------------------------------------------------------------------ pieces
     def _event(self, msg: str) -> None:

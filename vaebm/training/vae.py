@@ -273,10 +273,6 @@ class VAETrainer(TrainLoop):
         stats["seconds"] = time.perf_counter() - t0
         return stats, None
 
-    def _remedy(self) -> str:
-        self.lr_scale *= self.cfg.divergence_lr_factor
-        return f"lr scale {self.lr_scale:g}"
-
     def evaluate(self) -> dict | None:
         if self.eval_data is None:
             return None
