@@ -134,6 +134,31 @@ def cmd_train_ebm(args) -> int:
     return 0
 
 
+def _models_for_sampling(args):
+    """(device, vae, energy or None, steps, step_size, mode) for ``sample`` and ``eval``: the
+    stage-2 run's own settings unless flags override them; without --ebm, no Langevin steps."""
+    import torch
+
+    from .loading import load_ebm, load_vae
+
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    vae, _ = load_vae(args.vae, map_location=device)
+    energy, conf = None, {}
+    if args.ebm:
+        energy, ck = load_ebm(args.ebm, map_location=device)
+        energy.to(device)
+        conf = ck.get("config") or {}
+    steps = args.steps if args.steps is not None else (conf.get("test_ld_steps", 16) if energy else 0)
+    step_size = args.step_size or conf.get("ld_step_size", 8e-5)
+    mode = args.mode or conf.get("energy_mode", "paper")
+    return device, vae.to(device), energy, steps, step_size, mode
+
+
+def _zero_energy(x):
+    """E = 0: plain VAE samples through the same sampler (with no steps, never differentiated)."""
+    return x.flatten(1).sum(1) * 0.0
+
+
 def cmd_sample(args) -> int:
     """Draw VAEBM samples (PNG grids, .npz); without --ebm, plain VAE samples."""
     import json
@@ -143,28 +168,17 @@ def cmd_sample(args) -> int:
     import torch
 
     from .imageio import save_grid
-    from .loading import load_ebm, load_vae
     from .sampling.generate import vaebm_sample
 
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    vae, _ = load_vae(args.vae, map_location=device)
-    vae.to(device)
-    if args.ebm:
-        energy, ck = load_ebm(args.ebm, map_location=device)
-        energy.to(device)
-        conf = ck.get("config") or {}
-    else:
-        energy, conf = (lambda x: x.flatten(1).sum(1) * 0.0), {}
-    steps = args.steps if args.steps is not None else (conf.get("test_ld_steps", 16) if args.ebm else 0)
-    step_size = args.step_size or conf.get("ld_step_size", 8e-5)
-    mode = args.mode or conf.get("energy_mode", "paper")
+    device, vae, energy, steps, step_size, mode = _models_for_sampling(args)
     if args.start == "low_temp" and args.readjust_bn and hasattr(vae, "readjust_bn"):
         vae.readjust_bn(num_batches=args.readjust_bn, batch_size=min(args.batch, 64),
                         t=args.temperature)
         vae.eval()
-    res = vaebm_sample(vae, energy, args.n, steps=steps, step_size=step_size, batch=args.batch,
-                       mode=mode, start=args.start, start_t=args.temperature, seed=args.seed,
-                       every=args.every, device=device, backend=args.backend, progress=True)
+    res = vaebm_sample(vae, energy or _zero_energy, args.n, steps=steps, step_size=step_size,
+                       batch=args.batch, mode=mode, start=args.start, start_t=args.temperature,
+                       seed=args.seed, every=args.every, device=device, backend=args.backend,
+                       progress=True)
     os.makedirs(args.out, exist_ok=True)
     out = {"samples": res["samples"], "initial": res["initial"]}
     save_grid(res["samples"], os.path.join(args.out, "samples.png"))
@@ -220,28 +234,16 @@ def cmd_eval(args) -> int:
     import json
     import os
 
-    import torch
-
     from .data import get_dataset
     from .eval import evaluate, format_report
     from .eval.ood import elbo_log_p, iwae_log_p, log_h_fn
-    from .loading import load_ebm, load_vae
     from .sampling.generate import vaebm_sample
 
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    vae, _ = load_vae(args.vae, map_location=device)
-    energy, conf = None, {}
-    if args.ebm:
-        energy, ck = load_ebm(args.ebm, map_location=device)
-        conf = ck.get("config") or {}
-    steps = args.steps if args.steps is not None else (conf.get("test_ld_steps", 16) if energy else 0)
-    step_size = args.step_size or conf.get("ld_step_size", 8e-5)
-    mode = args.mode or conf.get("energy_mode", "paper")
-    zero = lambda x: x.flatten(1).sum(1) * 0.0  # noqa: E731
+    device, vae, energy, steps, step_size, mode = _models_for_sampling(args)
     drawn = [0]
 
     def sampler(b):
-        r = vaebm_sample(vae, energy or zero, b, steps=steps, step_size=step_size,
+        r = vaebm_sample(vae, energy or _zero_energy, b, steps=steps, step_size=step_size,
                          batch=min(b, args.batch), mode=mode, seed=args.seed, device=device,
                          first_index=drawn[0], backend=args.backend)
         drawn[0] += b
