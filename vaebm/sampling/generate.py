@@ -118,11 +118,37 @@ def vaebm_sample(vae: EpsVAE, energy: Callable[[torch.Tensor], torch.Tensor], n:
             batches = tqdm(batches, desc="sampling", unit="batch")
         except ImportError:
             pass
+    def one_batch(b0, bs):
+        """Chains for samples b0..b0+bs-1: (start images, final images, their energies, frames)."""
+        if start == "noise":
+            eps = initial_eps(vae, b0, bs, seed, device=device)
+        else:
+            eps = low_temperature_start(vae, b0, bs, seed, start_t, device=device)
+        with torch.no_grad():
+            init = pick(vae.decode_eps(eps)).float().cpu()
+        sampler = FusedLangevin(eps, step_size, lam=lam, seed=seed, sample_offset=b0,
+                                backend=backend, max_steps=max(1, int(steps)))
+        frames = []
+        for i in range(int(steps)):
+            sampler.step(fn)
+            if every and (i + 1) % every == 0:
+                with torch.no_grad():
+                    frames.append(pick(vae.decode_eps(eps)).float().cpu())
+            if callback is not None:
+                callback({"i": i, "batch_start": b0, "eps": eps, "sampler": sampler})
+        with torch.no_grad():
+            x = pick(vae.decode_eps(eps))
+            e = energy(x).float().reshape(-1).cpu()
+        return init, x.float().cpu(), e, frames
+
     with frozen_params(vae, energy), _fast(vae), _fast(energy):
         for b0 in batches:
-            bs = min(int(batch), int(n) - b0)
-            _one_batch(vae, energy, fn, lam, pick, int(first_index) + b0, bs, steps, step_size, start, start_t,
-                       seed, every, device, backend, callback, outs, inits, chains, energies)
+            init, x, e, frames = one_batch(int(first_index) + b0, min(int(batch), int(n) - b0))
+            inits.append(init)
+            outs.append(x)
+            energies.append(e)
+            if frames:
+                chains.append(torch.stack(frames))
     res = {"samples": torch.cat(outs), "initial": torch.cat(inits), "energy": torch.cat(energies),
            "settings": {"n": int(n), "steps": int(steps), "step_size": float(step_size),
                         "batch": int(batch), "mode": mode, "negative": negative, "output": output,
@@ -132,28 +158,3 @@ def vaebm_sample(vae: EpsVAE, energy: Callable[[torch.Tensor], torch.Tensor], n:
         res["chain"] = torch.cat(chains, dim=1)
     return res
 
-
-def _one_batch(vae, energy, fn, lam, pick, b0, bs, steps, step_size, start, start_t, seed, every,
-               device, backend, callback, outs, inits, chains, energies):
-    if start == "noise":
-        eps = initial_eps(vae, b0, bs, seed, device=device)
-    else:
-        eps = low_temperature_start(vae, b0, bs, seed, start_t, device=device)
-    with torch.no_grad():
-        inits.append(pick(vae.decode_eps(eps)).float().cpu())
-    sampler = FusedLangevin(eps, step_size, lam=lam, seed=seed, sample_offset=b0,
-                            backend=backend, max_steps=max(1, int(steps)))
-    frames = []
-    for i in range(int(steps)):
-        sampler.step(fn)
-        if every and (i + 1) % every == 0:
-            with torch.no_grad():
-                frames.append(pick(vae.decode_eps(eps)).float().cpu())
-        if callback is not None:
-            callback({"i": i, "batch_start": b0, "eps": eps, "sampler": sampler})
-    with torch.no_grad():
-        x = pick(vae.decode_eps(eps))
-        energies.append(energy(x).float().reshape(-1).cpu())
-        outs.append(x.float().cpu())
-    if frames:
-        chains.append(torch.stack(frames))
