@@ -27,6 +27,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ...ops import conv as conv1x1
+
 BN_EPS = 1e-5
 BN_MOMENTUM = 0.05
 WN_EPS = 1e-5      # added to ||v|| in the weight norm (as published)
@@ -105,6 +107,14 @@ class Conv2D(nn.Conv2d):
     def forward(self, x: Tensor) -> Tensor:
         if self._frozen is not None:
             b = self._frozen["b"]
+            if conv1x1.supported(x, self._frozen["w"], self.stride, self.padding, self.dilation,
+                                 self.groups):
+                # one-thread CPU: oneDNN instead of PyTorch's im2col pick for 1x1 convs
+                if "wt" not in self._frozen:
+                    self._frozen["wt"] = conv1x1.transpose_weight(self._frozen["w"])
+                return conv1x1.conv1x1(x, _autocast_cached(self._frozen, "w"),
+                                       None if b is None else _autocast_cached(self._frozen, "b"),
+                                       _autocast_cached(self._frozen, "wt"))
             return F.conv2d(x, _autocast_cached(self._frozen, "w"),
                             None if b is None else _autocast_cached(self._frozen, "b"),
                             self.stride, self.padding, self.dilation, self.groups)

@@ -1,0 +1,115 @@
+"""vaebm.ops.conv: the oneDNN 1x1 conv against its reference, F.conv2d, forward and input
+gradient, in float32 and bfloat16, and the NVAE frozen decoder actually taking the path."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from vaebm.ops import conv
+
+pytestmark = pytest.mark.skipif(not conv.available(), reason="torch built without oneDNN")
+
+
+def _case(B, Ci, Co, H, W, fmt, bias, seed):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(B, Ci, H, W, generator=g).contiguous(memory_format=fmt)
+    w = torch.randn(Co, Ci, 1, 1, generator=g) / Ci ** 0.5
+    b = torch.randn(Co, generator=g) if bias else None
+    gy = torch.randn(B, Co, H, W, generator=g)
+    return x, w, b, gy
+
+
+def _fwd_bwd(fn, x, *args, gy):
+    x = x.detach().clone().requires_grad_(True)
+    y = fn(x, *args)
+    (gx,) = torch.autograd.grad(y, x, gy.to(y.dtype))
+    return y, gx
+
+
+@pytest.mark.parametrize("fmt", [torch.contiguous_format, torch.channels_last])
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("shape", [(2, 16, 40, 8, 8), (3, 33, 7, 5, 9), (1, 64, 128, 4, 4)])
+def test_matches_reference_fp32(fmt, bias, shape, one_thread):
+    x, w, b, gy = _case(*shape, fmt, bias, seed=hash((shape, bias)) % 1000)
+    y, gx = _fwd_bwd(conv.conv1x1, x, w, b, gy=gy)
+    y_ref, gx_ref = _fwd_bwd(conv.conv1x1_ref, x.double(), w.double(),
+                             None if b is None else b.double(), gy=gy.double())
+    assert y.dtype == torch.float32 and y.shape == y_ref.shape
+    torch.testing.assert_close(y.double(), y_ref, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(gx.double(), gx_ref, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("how", ["explicit", "autocast"])
+def test_matches_reference_bf16(how, one_thread):
+    x, w, b, gy = _case(2, 32, 48, 6, 6, torch.contiguous_format, True, seed=7)
+    if how == "explicit":
+        y, gx = _fwd_bwd(conv.conv1x1, x.bfloat16(), w.bfloat16(), b.bfloat16(), gy=gy)
+        y_ref, gx_ref = _fwd_bwd(conv.conv1x1_ref, x.bfloat16(), w.bfloat16(), b.bfloat16(),
+                                 gy=gy)
+    else:
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            y, gx = _fwd_bwd(conv.conv1x1, x, w, b, gy=gy)
+            y_ref, gx_ref = _fwd_bwd(conv.conv1x1_ref, x, w, b, gy=gy)
+    assert y.dtype == y_ref.dtype == torch.bfloat16
+    # both round to bf16; they may accumulate in different orders
+    torch.testing.assert_close(y.float(), y_ref.float(), rtol=2e-2, atol=2e-2)
+    torch.testing.assert_close(gx.float(), gx_ref.float(), rtol=2e-2, atol=2e-2)
+    # and both are close to the fp32 answer
+    y32 = F.conv2d(x, w, b)
+    assert (y.float() - y32).abs().max() < 0.05 * y32.abs().max()
+
+
+def test_second_derivative_matches_reference(one_thread):
+    x, w, b, _ = _case(2, 8, 12, 4, 4, torch.contiguous_format, True, seed=3)
+
+    def hvp(fn):
+        xx = x.clone().requires_grad_(True)
+        y = fn(xx, w, b)
+        (g,) = torch.autograd.grad(y.square().sum(), xx, create_graph=True)
+        (h,) = torch.autograd.grad(g.sin().sum(), xx)
+        return h
+
+    torch.testing.assert_close(hvp(conv.conv1x1), hvp(conv.conv1x1_ref), rtol=1e-4, atol=1e-5)
+
+
+def test_supported_and_errors():
+    x = torch.randn(2, 4, 5, 5)
+    w = torch.randn(6, 4, 1, 1)
+    assert conv.supported(x, w)
+    assert not conv.supported(x, w.requires_grad_(True))
+    w = w.detach()
+    assert not conv.supported(x, torch.randn(6, 4, 3, 3))
+    assert not conv.supported(x, w, stride=(2, 2))
+    assert not conv.supported(x, w, padding=(1, 1))
+    assert not conv.supported(x, torch.randn(6, 2, 1, 1), groups=2)
+    assert not conv.supported(x.double(), w.double())
+    with pytest.raises(ValueError, match="4 channels, weight expects 3"):
+        conv.conv1x1(x, torch.randn(6, 3, 1, 1))
+    with pytest.raises(ValueError, match="unsupported call"):
+        conv.conv1x1(x.double(), w.double())
+
+
+def test_frozen_nvae_decoder_uses_onednn_for_1x1(one_thread):
+    """With one thread and a small batch PyTorch would run the decoder's 1x1 convs on its im2col
+    kernel; frozen, none of them may go there, and the eps-gradient is unchanged."""
+    from vaebm.models.nvae import NVAE
+
+    torch.manual_seed(0)
+    vae = NVAE("tiny").eval()
+    eps = [torch.randn(s) for s in vae.eps_shapes(2)]
+
+    def grads():
+        xs = [e.clone().requires_grad_(True) for e in eps]
+        out = vae.decode_eps(xs, with_log_prob=True)
+        return torch.autograd.grad((out.log_p_z + out.log_p_x + out.x_mean.sum()).sum(), xs)
+
+    ref = grads()
+    vae.freeze()
+    with torch.profiler.profile() as prof:
+        fast = grads()
+    names = {e.key for e in prof.key_averages()}
+    assert "aten::_slow_conv2d_forward" not in names
+    assert "aten::_slow_conv2d_backward" not in names
+    assert "aten::mkldnn_convolution" in names
+    for a, b in zip(fast, ref):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
