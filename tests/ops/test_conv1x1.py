@@ -113,3 +113,71 @@ def test_frozen_nvae_decoder_uses_onednn_for_1x1(one_thread):
     assert "aten::mkldnn_convolution" in names
     for a, b in zip(fast, ref):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
+# ----------------------------------------------------------------------------- depthwise
+@pytest.mark.parametrize("shape,k,pad", [((2, 48, 16, 16), 5, 2), ((2, 7, 9, 23), 3, 1),
+                                         ((1, 3, 5, 5), 5, 0), ((2, 5, 8, 8), 5, 4),
+                                         ((3, 4, 33, 17), 5, 2), ((1, 2, 4, 40), 1, 0)])
+@pytest.mark.parametrize("bias", [True, False])
+def test_depthwise_matches_reference(shape, k, pad, bias, one_thread):
+    g = torch.Generator().manual_seed(sum(shape) + k + pad)
+    B, C, H, W = shape
+    x = torch.randn(*shape, generator=g)
+    w = torch.randn(C, 1, k, k, generator=g)
+    b = torch.randn(C, generator=g) if bias else None
+    OH, OW = H + 2 * pad - k + 1, W + 2 * pad - k + 1
+    gy = torch.randn(B, C, OH, OW, generator=g)
+    y, gx = _fwd_bwd(lambda t: conv.depthwise(t, w, b, pad), x, gy=gy)
+    y_ref, gx_ref = _fwd_bwd(lambda t: conv.depthwise_ref(t, w.double(),
+                                                          None if b is None else b.double(), pad),
+                             x.double(), gy=gy.double())
+    assert y.shape == (B, C, OH, OW) and y.dtype == torch.float32
+    torch.testing.assert_close(y.double(), y_ref, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(gx.double(), gx_ref, rtol=1e-5, atol=1e-5)
+
+
+def test_depthwise_supported_and_errors():
+    x = torch.randn(2, 6, 8, 8)
+    w = torch.randn(6, 1, 5, 5)
+    assert conv.depthwise_supported(x, w, padding=(2, 2), groups=6)
+    assert not conv.depthwise_supported(x, w, padding=(2, 2), groups=1)
+    assert not conv.depthwise_supported(x, w, stride=(2, 2), padding=(2, 2), groups=6)
+    assert not conv.depthwise_supported(x, w, padding=(2, 1), groups=6)
+    assert not conv.depthwise_supported(x, w, padding=(5, 5), groups=6)
+    assert not conv.depthwise_supported(x, torch.randn(6, 1, 4, 4), padding=(1, 1), groups=6)
+    assert not conv.depthwise_supported(x.double(), w.double(), padding=(2, 2), groups=6)
+    assert not conv.depthwise_supported(x.contiguous(memory_format=torch.channels_last), w,
+                                        padding=(2, 2), groups=6)
+    assert not conv.depthwise_supported(x, w.clone().requires_grad_(True), padding=(2, 2),
+                                        groups=6)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert not conv.depthwise_supported(x, w, padding=(2, 2), groups=6)
+    with pytest.raises(ValueError, match="unsupported call"):
+        conv.depthwise(x, torch.randn(5, 1, 5, 5), None, 2)
+    from vaebm.ops import _cpp_nn
+    with pytest.raises(RuntimeError, match="pad must be in"):
+        _cpp_nn.dwconv2d(x, w, None, 7)
+    with pytest.raises(RuntimeError, match="NCHW-contiguous"):
+        _cpp_nn.dwconv2d(x.transpose(2, 3), w, None, 2)
+
+
+def test_frozen_nvae_decoder_uses_depthwise_kernel(one_thread):
+    from vaebm.models.nvae import NVAE
+
+    torch.manual_seed(1)
+    vae = NVAE("tiny").eval().freeze()
+    eps = [torch.randn(s, requires_grad=True) for s in vae.eps_shapes(2)]
+    with torch.profiler.profile() as prof:
+        vae.decode_eps(eps, with_log_prob=True).log_p_x.sum().backward()
+    names = {e.key for e in prof.key_averages()}
+    assert "vaebm_cpu_nn::dwconv2d" in names
+
+
+def test_depthwise_follows_backend_choice():
+    from vaebm.ops import use_backend
+
+    x, w = torch.randn(1, 4, 6, 6), torch.randn(4, 1, 3, 3)
+    assert conv.depthwise_supported(x, w, padding=(1, 1), groups=4)
+    with use_backend("torch"):  # the reference path was asked for
+        assert not conv.depthwise_supported(x, w, padding=(1, 1), groups=4)

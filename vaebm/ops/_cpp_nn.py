@@ -1,5 +1,5 @@
-"""C++ CPU kernels of scaled Swish and weight norm (sources: csrc/cpu/swish_cpu.cpp,
-csrc/cpu/weight_norm_cpu.cpp), served through the cpp backend (``vaebm.ops._cpp``).
+"""C++ CPU kernels of scaled Swish, weight norm and the depthwise conv (sources:
+csrc/cpu/swish_cpu.cpp, csrc/cpu/weight_norm_cpu.cpp, csrc/cpu/dwconv_cpu.cpp), served through the cpp backend (``vaebm.ops._cpp``).
 
 Their own extension, ``vaebm_cpu_nn``, is built on the first call of one of these functions,
 never at import. Swish takes AVX2 or AVX-512 kernels chosen at run time (no -march flag, so the
@@ -22,7 +22,8 @@ _ops = None
 def _load():
     global _ops
     if _ops is None:
-        build_extension("vaebm_cpu_nn", ["cpu/swish_cpu.cpp", "cpu/weight_norm_cpu.cpp"],
+        build_extension("vaebm_cpu_nn", ["cpu/swish_cpu.cpp", "cpu/weight_norm_cpu.cpp",
+                                         "cpu/dwconv_cpu.cpp"],
                         cflags=_CFLAGS, ldflags=["-fopenmp"])
         _ops = torch.ops.vaebm_cpu_nn
     return _ops
@@ -47,3 +48,8 @@ def weight_norm_fwd(v, log_g):
 
 def weight_norm_bwd(grad_w, v, log_g):
     return tuple(_load().weight_norm_bwd(grad_w, v, log_g))
+
+
+def dwconv2d(x, w, bias, pad):
+    """Depthwise conv, stride 1: x (B, C, H, W) float32 contiguous, w (C, 1, K, K), bias or None."""
+    return _load().dwconv2d(x, w, bias, int(pad))

@@ -115,6 +115,12 @@ class Conv2D(nn.Conv2d):
                 return conv1x1.conv1x1(x, _autocast_cached(self._frozen, "w"),
                                        None if b is None else _autocast_cached(self._frozen, "b"),
                                        _autocast_cached(self._frozen, "wt"))
+            if conv1x1.depthwise_supported(x, self._frozen["w"], self.stride, self.padding,
+                                           self.dilation, self.groups):
+                if "wf" not in self._frozen:
+                    self._frozen["wf"] = conv1x1.flip_weight(self._frozen["w"])
+                return conv1x1.depthwise(x, self._frozen["w"], b, self.padding[0],
+                                         self._frozen["wf"])
             return F.conv2d(x, _autocast_cached(self._frozen, "w"),
                             None if b is None else _autocast_cached(self._frozen, "b"),
                             self.stride, self.padding, self.dilation, self.groups)
