@@ -84,3 +84,39 @@ def test_langevin_small_batch(benchmark, backend, what):
     _skip_if_unavailable(fn)
     benchmark.group = f"langevin {what}, VAEBM cifar10 state, batch 4"
     benchmark(fn)
+
+
+@pytest.mark.skipif(DEV != "cpu", reason="CPU conv paths of the frozen NVAE decoder")
+@pytest.mark.parametrize("impl", ["torch", "vaebm"])
+@pytest.mark.parametrize("op", ["conv1x1 256->1536", "depthwise 5x5"])
+def test_frozen_decoder_conv_fwd_bwd(benchmark, impl, op):
+    """One thread, batch 2, (2, C, 16, 16): the cifar10 decoder cell's convs, forward + input
+    gradient, F.conv2d (PyTorch's kernel choice) against vaebm.ops.conv."""
+    from vaebm.ops import conv
+
+    gen = torch.Generator().manual_seed(0)
+    if op.startswith("conv1x1"):
+        x = torch.randn(2, 256, 16, 16, generator=gen)
+        w = torch.randn(1536, 256, 1, 1, generator=gen) / 16
+        wt = conv.transpose_weight(w)
+        f = (lambda t: conv.conv1x1(t, w, None, wt)) if impl == "vaebm" else \
+            (lambda t: conv.conv1x1_ref(t, w))
+    else:
+        x = torch.randn(2, 1536, 16, 16, generator=gen)
+        w = torch.randn(1536, 1, 5, 5, generator=gen) / 5
+        wf = conv.flip_weight(w)
+        f = (lambda t: conv.depthwise(t, w, None, 2, wf)) if impl == "vaebm" else \
+            (lambda t: conv.depthwise_ref(t, w, None, 2))
+    x.requires_grad_(True)
+    threads = torch.get_num_threads()
+
+    def fn():
+        y = f(x)
+        torch.autograd.grad(y, x, torch.ones_like(y))
+
+    torch.set_num_threads(1)
+    try:
+        benchmark.group = f"frozen decoder {op} fwd+bwd, 1 thread"
+        benchmark(fn)
+    finally:
+        torch.set_num_threads(threads)
