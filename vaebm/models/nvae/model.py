@@ -32,12 +32,11 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from ..eps_space import EpsDecode, sample_eps
 from .cells import (ARCH_INSTANCES, CHANNEL_MULT, Cell, Conv2D, DecCombinerCell, EncCombinerCell,
                     InvertedResidual, soft_clamp5, to_sync_batchnorm)
+from . import regularizers
 from .flows import PairedCellAR
 from .presets import NVAEConfig, get_config
 
 HALF_LOG_2PI = 0.5 * math.log(2 * math.pi)
-SR_ITERS = 4            # power iterations per call of the spectral regulariser
-SR_ITERS_FIRST = 40     # at first use (cold u, v)
 LOG_SIGMA_X_MIN = -2.0  # clamp of the decoder log-scale inside the energy's likelihood term
 
 
@@ -444,34 +443,10 @@ class NVAE(nn.Module):
         return self
 
     def spectral_norm_loss(self) -> Tensor:
-        groups: dict[tuple, list[Conv2D]] = {}
-        for m in self._conv_layers():
-            groups.setdefault((m.weight.shape[0], m.weight[0].numel()), []).append(m)
-        n_iter = SR_ITERS if self._sr_warm else SR_ITERS_FIRST
-        total = 0.0
-        for convs in groups.values():
-            W = torch.stack([m.normalized_weight().flatten(1) for m in convs]).float()  # (n, r, c)
-            with torch.no_grad():
-                Wd = W.detach()
-                if self._sr_warm:
-                    u = torch.stack([m.sr_u for m in convs]).float()
-                    v = torch.stack([m.sr_v for m in convs]).float()
-                else:
-                    u = F.normalize(torch.randn(Wd.shape[:2], device=Wd.device), dim=1, eps=1e-3)
-                    v = F.normalize(torch.randn(Wd.shape[0], Wd.shape[2], device=Wd.device), dim=1,
-                                    eps=1e-3)
-                for _ in range(n_iter):
-                    v = F.normalize(torch.bmm(u.unsqueeze(1), Wd).squeeze(1), dim=1, eps=1e-3)
-                    u = F.normalize(torch.bmm(Wd, v.unsqueeze(2)).squeeze(2), dim=1, eps=1e-3)
-                for i, m in enumerate(convs):
-                    m.sr_u.copy_(u[i])
-                    m.sr_v.copy_(v[i])
-            total = total + torch.bmm(u.unsqueeze(1), torch.bmm(W, v.unsqueeze(2))).sum()
-        self._sr_warm = True
-        return total
+        return regularizers.spectral_norm_loss(self._conv_layers(), self)
 
     def batchnorm_loss(self) -> Tensor:
-        return torch.stack([bn.weight.abs().max() for bn in self._bn_layers()]).sum()
+        return regularizers.batchnorm_loss(self._bn_layers())
 
     @staticmethod
     def _after_load(module: "NVAE", incompatible_keys) -> None:
@@ -576,26 +551,3 @@ class NVAE(nn.Module):
         c = self.config
         return (f"image={c.in_channels}x{c.image_size}x{c.image_size}, groups={self.num_groups}, "
                 f"latent={c.num_latent_per_group}, scales={c.num_latent_scales}, nf={c.num_nf}")
-
-
-def count_parameters(module: nn.Module) -> int:
-    return sum(p.numel() for p in module.parameters())
-
-
-def describe(preset: str | NVAEConfig | None = None) -> str:
-    """Parameter counts and latent layout of one preset (or all), built on the meta device."""
-    from .presets import PRESETS
-
-    names = list(PRESETS) if preset is None else [preset]
-    lines = ["| preset | image | params | groups | latent dims | eps dims |",
-             "|---|---|---|---|---|---|"]
-    for name in names:
-        with torch.device("meta"):
-            m = NVAE(name)
-        c = m.config
-        lat = sum(math.prod(s) for s in m.latent_shapes)
-        label = name if isinstance(name, str) else "custom"
-        lines.append(f"| {label} | {c.in_channels}x{c.image_size}x{c.image_size} | "
-                     f"{count_parameters(m):,} | {m.num_groups} | {lat:,} | "
-                     f"{lat + math.prod(m.image_shape):,} |")
-    return "\n".join(lines)
