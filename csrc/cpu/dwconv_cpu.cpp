@@ -29,13 +29,6 @@ constexpr int kChunk = 16;
 // 16 floats: one AVX-512 register, two AVX2 ones; GCC lowers the arithmetic per target.
 typedef float V16 __attribute__((vector_size(64)));
 
-struct Plane {
-  const float* x;  // (H, W)
-  float* out;      // (OH, OW)
-  const float* w;  // (K, K)
-  float bias;
-};
-
 #define VAEBM_DW_BODY                                                                      \
   for (int64_t p = p0; p < p1; ++p) {                                                      \
     const float* xp = x + p * H * W;                                                       \
