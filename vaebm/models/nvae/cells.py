@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ...ops import conv as conv1x1
+from ...ops import conv as fast_conv
 
 BN_EPS = 1e-5
 BN_MOMENTUM = 0.05
@@ -100,6 +100,11 @@ class Conv2D(nn.Conv2d):
             fmt = torch.channels_last if channels_last else torch.contiguous_format
             self._frozen = {"w": w.detach().contiguous(memory_format=fmt),
                             "b": None if b is None else b.detach().clone()}
+            # the input-gradient weights of the CPU fast paths (vaebm.ops.conv)
+            if self.kernel_size == (1, 1) and self.groups == 1:
+                self._frozen["wt"] = fast_conv.transpose_weight(w)
+            elif self.groups == self.in_channels == self.out_channels:
+                self._frozen["wf"] = fast_conv.flip_weight(w)
 
     def unfreeze(self) -> None:
         self._frozen = None
@@ -107,20 +112,16 @@ class Conv2D(nn.Conv2d):
     def forward(self, x: Tensor) -> Tensor:
         if self._frozen is not None:
             b = self._frozen["b"]
-            if conv1x1.supported(x, self._frozen["w"], self.stride, self.padding, self.dilation,
-                                 self.groups):
+            w = self._frozen["w"]
+            if "wt" in self._frozen and fast_conv.supported(x, w, self.stride, self.padding,
+                                                            self.dilation, self.groups):
                 # one-thread CPU: oneDNN instead of PyTorch's im2col pick for 1x1 convs
-                if "wt" not in self._frozen:
-                    self._frozen["wt"] = conv1x1.transpose_weight(self._frozen["w"])
-                return conv1x1.conv1x1(x, _autocast_cached(self._frozen, "w"),
-                                       None if b is None else _autocast_cached(self._frozen, "b"),
-                                       _autocast_cached(self._frozen, "wt"))
-            if conv1x1.depthwise_supported(x, self._frozen["w"], self.stride, self.padding,
-                                           self.dilation, self.groups):
-                if "wf" not in self._frozen:
-                    self._frozen["wf"] = conv1x1.flip_weight(self._frozen["w"])
-                return conv1x1.depthwise(x, self._frozen["w"], b, self.padding[0],
-                                         self._frozen["wf"])
+                return fast_conv.conv1x1(x, _autocast_cached(self._frozen, "w"),
+                                         None if b is None else _autocast_cached(self._frozen, "b"),
+                                         _autocast_cached(self._frozen, "wt"))
+            if "wf" in self._frozen and fast_conv.depthwise_supported(
+                    x, w, self.stride, self.padding, self.dilation, self.groups):
+                return fast_conv.depthwise(x, w, b, self.padding[0], self._frozen["wf"])
             return F.conv2d(x, _autocast_cached(self._frozen, "w"),
                             None if b is None else _autocast_cached(self._frozen, "b"),
                             self.stride, self.padding, self.dilation, self.groups)
