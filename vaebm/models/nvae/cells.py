@@ -118,10 +118,11 @@ class Conv2D(nn.Conv2d):
                 # one-thread CPU: oneDNN instead of PyTorch's im2col pick for 1x1 convs
                 return fast_conv.conv1x1(x, _autocast_cached(self._frozen, "w"),
                                          None if b is None else _autocast_cached(self._frozen, "b"),
-                                         _autocast_cached(self._frozen, "wt"))
+                                         _autocast_cached(self._frozen, "wt"), check=False)
             if "wf" in self._frozen and fast_conv.depthwise_supported(
                     x, w, self.stride, self.padding, self.dilation, self.groups):
-                return fast_conv.depthwise(x, w, b, self.padding[0], self._frozen["wf"])
+                return fast_conv.depthwise(x, w, b, self.padding[0], self._frozen["wf"],
+                                           check=False)
             return F.conv2d(x, _autocast_cached(self._frozen, "w"),
                             None if b is None else _autocast_cached(self._frozen, "b"),
                             self.stride, self.padding, self.dilation, self.groups)
