@@ -238,14 +238,19 @@ def test_loss_terms_and_iwae():
     x = torch.rand(2, *m.image_shape, generator=torch.Generator().manual_seed(0))
     terms = m.loss_terms(x, generator=torch.Generator().manual_seed(1))
     assert terms["log_p_x"].shape == (2,) and len(terms["kl"]) == m.num_groups
-    # with flows the KL is the sample estimate log q - log p
-    torch.testing.assert_close(sum(terms["kl"]), terms["log_q"] - terms["log_p_z"])
+    # with flows the KL is the sample estimate log q - log p. Error budget: both sides are float32
+    # sums over every latent of terms of size |log q| + |log p|; a different summation order
+    # (AVX2 vs AVX-512 reductions) moves them by a few ulps of that size, not of the small KL
+    budget = 4 * torch.finfo(torch.float32).eps * (terms["log_q"].abs() + terms["log_p_z"].abs())
+    kl_err = (sum(terms["kl"]) - (terms["log_q"] - terms["log_p_z"])).abs()
+    assert (kl_err <= budget).all(), (kl_err, budget)
     torch.manual_seed(7)
     via_forward = m(x)
     torch.manual_seed(7)
     torch.testing.assert_close(via_forward["kl"], m.loss_terms(x)["kl"])
     iw1 = m.iwae(x, 1, generator=torch.Generator().manual_seed(1))
-    torch.testing.assert_close(iw1, terms["log_p_x"] - sum(terms["kl"]))
+    iw_budget = budget + 4 * torch.finfo(torch.float32).eps * terms["log_p_x"].abs()
+    assert ((iw1 - (terms["log_p_x"] - sum(terms["kl"]))).abs() <= iw_budget).all()
     # k = 4: log of the mean of the four importance weights drawn from the same generator
     g = torch.Generator().manual_seed(2)
     logw = []

@@ -39,6 +39,13 @@ def test_matches_reference_fp32(fmt, bias, shape, one_thread):
     torch.testing.assert_close(gx.double(), gx_ref, rtol=1e-5, atol=1e-5)
 
 
+@pytest.fixture
+def kernels_forced(monkeypatch):
+    """Take the fast paths wherever they apply (no timing), as the profiler tests need."""
+    monkeypatch.setenv("VAEBM_CPU_CONV", "kernel")
+
+
+@pytest.mark.skipif(not conv.bf16_ok(), reason="oneDNN has no bf16 conv on this CPU (AVX2 only)")
 @pytest.mark.parametrize("how", ["explicit", "autocast"])
 def test_matches_reference_bf16(how, one_thread):
     x, w, b, gy = _case(2, 32, 48, 6, 6, torch.contiguous_format, True, seed=7)
@@ -57,6 +64,106 @@ def test_matches_reference_bf16(how, one_thread):
     # and both are close to the fp32 answer
     y32 = F.conv2d(x, w, b)
     assert (y.float() - y32).abs().max() < 0.05 * y32.abs().max()
+
+
+def test_bf16_without_cpu_support_falls_back(monkeypatch):
+    """On a CPU whose oneDNN has no bf16 path (AVX2 only) the 1x1 path must decline bf16 calls,
+    and the frozen decoder under bf16 autocast must run (on F.conv2d) instead of crashing."""
+    monkeypatch.setattr(conv, "_BF16", [False])
+    x, w = torch.randn(2, 4, 5, 5), torch.randn(6, 4, 1, 1)
+    assert conv.supported(x, w)
+    assert not conv.supported(x.bfloat16(), w.bfloat16())
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert not conv.supported(x, w)
+    with pytest.raises(ValueError, match="unsupported call"):
+        conv.conv1x1(x.bfloat16(), w.bfloat16())
+    from vaebm.models.nvae import NVAE
+
+    torch.manual_seed(0)
+    vae = NVAE("tiny").eval()
+    eps = [torch.randn(s) for s in vae.eps_shapes(2)]
+    ref = vae.decode_eps(eps).x_mean
+    vae.freeze()
+
+    def refuse(*a, **k):
+        raise AssertionError("the 1x1 fast path was taken for a bf16 call")
+
+    monkeypatch.setattr(conv, "conv1x1", refuse)
+    monkeypatch.setenv("VAEBM_CPU_CONV", "kernel")
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = vae.decode_eps(eps).x_mean
+    assert (out.float() - ref).abs().max() < 0.05
+
+
+def test_bf16_support_follows_onednn_isa():
+    """bf16_ok() is oneDNN's own answer, which ONEDNN_MAX_CPU_ISA=AVX2 turns off (CI's
+    restricted pass runs this module under it)."""
+    import os
+
+    assert conv.bf16_ok() == bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    if os.environ.get("ONEDNN_MAX_CPU_ISA", "").upper() in ("AVX2", "AVX", "SSE41"):
+        assert not conv.bf16_ok()
+
+
+def test_prefer_picks_the_measured_faster_path(monkeypatch):
+    """The choice follows measurement on the call's own shapes: a fast path made slow loses, a
+    plain path made slow loses, the answer is cached per shape, and the env var overrides."""
+    import time
+
+    monkeypatch.setattr(conv, "_CHOICE", {})
+    monkeypatch.delenv("VAEBM_CPU_CONV", raising=False)
+    w = torch.randn(8, 4, 1, 1)
+
+    def quick(t):
+        return F.conv2d(t, w)
+
+    def slow(t):
+        time.sleep(0.004)
+        return F.conv2d(t, w)
+
+    x = torch.randn(2, 4, 6, 6, requires_grad=True)
+    assert not conv.prefer("t", x, slow, quick, (1,))
+    assert conv.prefer("t", x, quick, slow, (2,))
+    calls = []
+    # cached: the second call with the same key times nothing
+    assert not conv.prefer("t", x, lambda t: calls.append(1) or quick(t), quick, (1,))
+    assert calls == []
+    assert len(conv.choices()) == 2
+    # a new shape is measured anew
+    conv.prefer("t", torch.randn(3, 4, 6, 6), slow, quick, (1,))
+    assert len(conv.choices()) == 3
+    monkeypatch.setenv("VAEBM_CPU_CONV", "kernel")
+    assert conv.prefer("t", x, slow, quick, (1,))
+    monkeypatch.setenv("VAEBM_CPU_CONV", "torch")
+    assert not conv.prefer("t", x, quick, slow, (2,))
+    monkeypatch.setenv("VAEBM_CPU_CONV", "fastest")
+    with pytest.raises(ValueError, match="VAEBM_CPU_CONV must be"):
+        conv.prefer("t", x, quick, slow, (2,))
+
+
+def test_frozen_decoder_auto_choice_matches_reference(monkeypatch, one_thread):
+    """Under the default (measured) choice the frozen decoder's eps-gradient equals the
+    unfrozen one whichever paths were chosen, and every served conv got a decision."""
+    from vaebm.models.nvae import NVAE
+
+    monkeypatch.setattr(conv, "_CHOICE", {})
+    monkeypatch.delenv("VAEBM_CPU_CONV", raising=False)
+    torch.manual_seed(0)
+    vae = NVAE("tiny").eval()
+    eps = [torch.randn(s) for s in vae.eps_shapes(2)]
+
+    def grads():
+        xs = [e.clone().requires_grad_(True) for e in eps]
+        out = vae.decode_eps(xs, with_log_prob=True)
+        return torch.autograd.grad((out.log_p_z + out.log_p_x + out.x_mean.sum()).sum(), xs)
+
+    ref = grads()
+    vae.freeze()
+    fast = grads()
+    kinds = {k[0] for k in conv.choices()}
+    assert "1x1" in kinds
+    for a, b in zip(fast, ref):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
 
 
 def test_second_derivative_matches_reference(one_thread):
@@ -89,7 +196,7 @@ def test_supported_and_errors():
         conv.conv1x1(x.double(), w.double())
 
 
-def test_frozen_nvae_decoder_uses_onednn_for_1x1(one_thread):
+def test_frozen_nvae_decoder_uses_onednn_for_1x1(one_thread, kernels_forced):
     """With one thread and a small batch PyTorch would run the decoder's 1x1 convs on its im2col
     kernel; frozen, none of them may go there, and the eps-gradient is unchanged."""
     from vaebm.models.nvae import NVAE
@@ -162,7 +269,7 @@ def test_depthwise_supported_and_errors():
         _cpp_nn.dwconv2d(x.transpose(2, 3), w, None, 2)
 
 
-def test_frozen_nvae_decoder_uses_depthwise_kernel(one_thread):
+def test_frozen_nvae_decoder_uses_depthwise_kernel(one_thread, kernels_forced):
     from vaebm.models.nvae import NVAE
 
     torch.manual_seed(1)

@@ -20,13 +20,26 @@ step, 6x on (2, 768, 32, 32). It is used when the cpp backend is wanted (``auto`
 and its extension builds.
 
 Dtypes of the 1x1 path: float32, and bfloat16 (explicitly, or under CPU autocast, which casts
-input and weight to bf16 as autocast's conv2d would). Anything else (CUDA tensors, float64,
-strides, groups) is not served here: :func:`supported` says which calls are.
+input and weight to bf16 as autocast's conv2d would) where oneDNN has a bf16 path on this CPU
+(AVX-512 BW/VL/DQ or AVX-NE-CONVERT; on AVX2-only CPUs bf16 calls go to ``F.conv2d``). Anything
+else (CUDA tensors, float64, strides, groups) is not served here: :func:`supported` says which
+calls are.
+
+Chosen by measurement, not by the machine we tuned on: a kernel that wins on one CPU loses on
+another (the depthwise kernel is 5x faster than oneDNN on 16x16 planes with AVX-512, and lost
+2x on an AVX2-only EPYC before its AVX2 variant was rewritten; at 7x7 planes oneDNN wins
+everywhere). :func:`prefer` times the fast path against ``F.conv2d`` on the call's own shapes the
+first time it sees them (forward, plus input gradient when one is needed) and caches the
+answer per shape, dtype, layout and thread count. ``VAEBM_CPU_CONV=kernel`` forces the fast
+paths wherever they apply, ``VAEBM_CPU_CONV=torch`` never takes them, ``auto`` (default)
+measures.
 """
 
 from __future__ import annotations
 
 import logging
+import os
+import time
 
 import torch
 import torch.nn.functional as F
@@ -49,6 +62,21 @@ def available() -> bool:
     return torch.backends.mkldnn.is_available() and torch.backends.mkldnn.enabled
 
 
+_BF16: list = []
+
+
+def bf16_ok() -> bool:
+    """oneDNN can run bf16 convolutions on this CPU (it refuses without AVX-512 BW/VL/DQ or
+    AVX-NE-CONVERT, and honours ``ONEDNN_MAX_CPU_ISA``). Asked once per process."""
+    if not _BF16:
+        fn = getattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", None)
+        try:
+            _BF16.append(bool(fn()) if fn is not None else False)
+        except Exception:  # an op that exists but cannot answer: do not risk the crash
+            _BF16.append(False)
+    return _BF16[0]
+
+
 def supported(x: Tensor, weight: Tensor, stride=(1, 1), padding=(0, 0), dilation=(1, 1),
               groups: int = 1) -> bool:
     """True when :func:`conv1x1` serves this call: CPU, a 1x1 kernel with stride 1, no padding
@@ -61,7 +89,88 @@ def supported(x: Tensor, weight: Tensor, stride=(1, 1), padding=(0, 0), dilation
     if tuple(stride) != (1, 1) or tuple(padding) != (0, 0) or tuple(dilation) != (1, 1):
         return False
     dt = torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else x.dtype
+    if dt == torch.bfloat16 or x.dtype == torch.bfloat16:
+        if not bf16_ok():
+            return False
     return dt in DTYPES and x.dtype in (torch.float32, torch.bfloat16) and available()
+
+
+# ----------------------------------------------------------------------------- measured choice
+_CHOICE: dict = {}
+_MARGIN = 0.9  # the fast path must save at least 10% of the plain call to be taken
+
+
+def policy() -> str:
+    """``VAEBM_CPU_CONV``: ``auto`` (measure, default), ``kernel`` (always), ``torch`` (never)."""
+    v = os.environ.get("VAEBM_CPU_CONV", "auto").strip().lower() or "auto"
+    if v not in ("auto", "kernel", "torch"):
+        raise ValueError(f"VAEBM_CPU_CONV must be auto, kernel or torch, got {v!r}")
+    return v
+
+
+def _median_ms(fn, reps: int) -> float:
+    ts = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        fn()
+        ts.append(time.perf_counter() - t0)
+    ts.sort()
+    return 1e3 * ts[len(ts) // 2]
+
+
+def _time_pair(fast, plain, x: Tensor, need_grad: bool, reps: int = 5):
+    """Median milliseconds of ``fast(x)`` and ``plain(x)`` (with the input gradient of a random
+    cotangent when ``need_grad``), interleaved so that machine noise hits both alike."""
+    xx = torch.randn(x.shape, dtype=x.dtype).contiguous(memory_format=_format(x))
+
+    def run(f):
+        def go():
+            if need_grad:
+                with torch.enable_grad():
+                    xi = xx.detach().requires_grad_(True)
+                    y = f(xi)
+                    torch.autograd.grad(y, xi, torch.ones_like(y))
+            else:
+                with torch.no_grad():
+                    f(xx)
+        return go
+
+    a, b = run(fast), run(plain)
+    a(), b()  # warm-up: first-touch allocations, oneDNN primitive creation
+    ta, tb = [], []
+    for _ in range(reps):
+        ta.append(_median_ms(a, 1))
+        tb.append(_median_ms(b, 1))
+    ta.sort(), tb.sort()
+    return ta[reps // 2], tb[reps // 2]
+
+
+def prefer(kind: str, x: Tensor, fast, plain, sig: tuple = ()) -> bool:
+    """Whether to take the fast path ``fast`` (a function of x) over ``plain`` (``F.conv2d``
+    with the same arguments) for this call. Under ``VAEBM_CPU_CONV=auto`` the two are timed on
+    the first call of each (kind, shapes, dtype, layout, autocast, threads, gradient) and the
+    answer is cached for the process; ties go to the plain path. ``sig`` adds what else tells
+    calls apart (the weight's shape, the padding)."""
+    pol = policy()
+    if pol != "auto":
+        return pol == "kernel"
+    if torch.compiler.is_compiling():
+        return False
+    need_grad = x.requires_grad and torch.is_grad_enabled()
+    ac = torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else None
+    key = (kind, tuple(x.shape), sig, x.dtype, _format(x), ac, torch.get_num_threads(), need_grad)
+    hit = _CHOICE.get(key)
+    if hit is None:
+        t_fast, t_plain = _time_pair(fast, plain, x, need_grad)
+        hit = _CHOICE[key] = t_fast < _MARGIN * t_plain
+        log.debug("vaebm.ops.conv: %s %s: kernel %.3f ms, F.conv2d %.3f ms -> %s", kind,
+                  tuple(x.shape), t_fast, t_plain, "kernel" if hit else "F.conv2d")
+    return hit
+
+
+def choices() -> dict:
+    """The cached decisions: {(kind, shape, sig, dtype, layout, autocast, threads, grad): bool}."""
+    return dict(_CHOICE)
 
 
 class _Conv1x1(torch.autograd.Function):

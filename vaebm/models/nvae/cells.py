@@ -111,23 +111,37 @@ class Conv2D(nn.Conv2d):
 
     def forward(self, x: Tensor) -> Tensor:
         if self._frozen is not None:
-            b = self._frozen["b"]
             w = self._frozen["w"]
             if "wt" in self._frozen and fast_conv.supported(x, w, self.stride, self.padding,
                                                             self.dilation, self.groups):
-                # one-thread CPU: oneDNN instead of PyTorch's im2col pick for 1x1 convs
-                return fast_conv.conv1x1(x, _autocast_cached(self._frozen, "w"),
-                                         None if b is None else _autocast_cached(self._frozen, "b"),
-                                         _autocast_cached(self._frozen, "wt"), check=False)
-            if "wf" in self._frozen and fast_conv.depthwise_supported(
+                # one-thread CPU: oneDNN instead of PyTorch's im2col pick for 1x1 convs, where
+                # it measures faster on this machine (fast_conv.prefer)
+                if fast_conv.prefer("1x1", x, self._fast_1x1, self._plain, w.shape):
+                    return self._fast_1x1(x)
+            elif "wf" in self._frozen and fast_conv.depthwise_supported(
                     x, w, self.stride, self.padding, self.dilation, self.groups):
-                return fast_conv.depthwise(x, w, b, self.padding[0], self._frozen["wf"],
-                                           check=False)
-            return F.conv2d(x, _autocast_cached(self._frozen, "w"),
-                            None if b is None else _autocast_cached(self._frozen, "b"),
-                            self.stride, self.padding, self.dilation, self.groups)
+                if fast_conv.prefer("dw", x, self._fast_dw, self._plain,
+                                    (*w.shape, self.padding[0])):
+                    return self._fast_dw(x)
+            return self._plain(x)
         return F.conv2d(x, self.normalized_weight(), self.bias, self.stride, self.padding,
                         self.dilation, self.groups)
+
+    def _plain(self, x: Tensor) -> Tensor:
+        b = self._frozen["b"]
+        return F.conv2d(x, _autocast_cached(self._frozen, "w"),
+                        None if b is None else _autocast_cached(self._frozen, "b"),
+                        self.stride, self.padding, self.dilation, self.groups)
+
+    def _fast_1x1(self, x: Tensor) -> Tensor:
+        b = self._frozen["b"]
+        return fast_conv.conv1x1(x, _autocast_cached(self._frozen, "w"),
+                                 None if b is None else _autocast_cached(self._frozen, "b"),
+                                 _autocast_cached(self._frozen, "wt"), check=False)
+
+    def _fast_dw(self, x: Tensor) -> Tensor:
+        return fast_conv.depthwise(x, self._frozen["w"], self._frozen["b"], self.padding[0],
+                                   self._frozen["wf"], check=False)
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
