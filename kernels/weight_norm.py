@@ -4,6 +4,12 @@
 v (R, K) row-major, one row per output channel. A program owns ROWS whole rows and walks them
 in (ROWS, BLOCK_K) tiles: a first sweep for the row sums, a second for the output, so no row
 is ever split between programs and nothing is reduced across programs.
+
+The K loops run over a compile-time tile count ``K_TILES = cdiv(K, BLOCK_K)``, never
+``range(0, K, BLOCK_K)`` on the runtime ``K``: Triton's interpreter up to 3.6 turns a runtime
+int bound into a Python int with ``int()`` of a 1-element array, which NumPy >= 2.4 refuses
+("only 0-dimensional arrays can be converted to Python scalars", triton-lang/triton#9171, fixed
+in Triton 3.7). Compiled, this only adds one specialisation per distinct tile count.
 """
 
 from __future__ import annotations
@@ -34,19 +40,19 @@ def _clamp_eps(norm, EPS: tl.constexpr):
 # n_o = max(||v_o||, EPS), g_o = exp(log_g[o]):   w_o = (g_o / n_o) v_o.  Math in float32.
 @triton.jit
 def _wn_fwd_kernel(v_ptr, lg_ptr, w_ptr, R, K, EPS: tl.constexpr, DT: tl.constexpr,
-                   ROWS: tl.constexpr, BLOCK_K: tl.constexpr):
+                   ROWS: tl.constexpr, BLOCK_K: tl.constexpr, K_TILES: tl.constexpr):
     pid = tl.program_id(0)
     acc = tl.zeros([ROWS, BLOCK_K], dtype=tl.float32)
-    for k0 in range(0, K, BLOCK_K):
-        offs, m = _tile(pid, k0, R, K, ROWS, BLOCK_K)
+    for t in range(K_TILES):
+        offs, m = _tile(pid, t * BLOCK_K, R, K, ROWS, BLOCK_K)
         v = tl.load(v_ptr + offs, mask=m, other=0.0).to(tl.float32)
         acc += v * v
     rows = pid * ROWS + tl.arange(0, ROWS)
     norm = _clamp_eps(tl.sqrt_rn(tl.sum(acc, axis=1)), EPS)  # sqrt_rn: tl.sqrt is approximate
     g = tl.exp(tl.load(lg_ptr + rows, mask=rows < R, other=0.0))
     a = (g / norm)[:, None]
-    for k0 in range(0, K, BLOCK_K):
-        offs, m = _tile(pid, k0, R, K, ROWS, BLOCK_K)
+    for t in range(K_TILES):
+        offs, m = _tile(pid, t * BLOCK_K, R, K, ROWS, BLOCK_K)
         v = tl.load(v_ptr + offs, mask=m, other=0.0).to(tl.float32)
         tl.store(w_ptr + offs, _to_dtype(v * a, DT), mask=m)
 
@@ -55,12 +61,13 @@ def _wn_fwd_kernel(v_ptr, lg_ptr, w_ptr, R, K, EPS: tl.constexpr, DT: tl.constex
 #     dL/dv_o = (g_o / n_o) (G_o - (proj_o / n_o) v_o),    dL/dlog_g[o] = g_o proj_o.
 @triton.jit
 def _wn_bwd_kernel(gw_ptr, v_ptr, lg_ptr, gv_ptr, gl_ptr, R, K, EPS: tl.constexpr,
-                   DT: tl.constexpr, ROWS: tl.constexpr, BLOCK_K: tl.constexpr):
+                   DT: tl.constexpr, ROWS: tl.constexpr, BLOCK_K: tl.constexpr,
+                   K_TILES: tl.constexpr):
     pid = tl.program_id(0)
     ss = tl.zeros([ROWS, BLOCK_K], dtype=tl.float32)
     dot = tl.zeros([ROWS, BLOCK_K], dtype=tl.float32)
-    for k0 in range(0, K, BLOCK_K):
-        offs, m = _tile(pid, k0, R, K, ROWS, BLOCK_K)
+    for t in range(K_TILES):
+        offs, m = _tile(pid, t * BLOCK_K, R, K, ROWS, BLOCK_K)
         v = tl.load(v_ptr + offs, mask=m, other=0.0).to(tl.float32)
         G = tl.load(gw_ptr + offs, mask=m, other=0.0).to(tl.float32)
         ss += v * v
@@ -72,22 +79,22 @@ def _wn_bwd_kernel(gw_ptr, v_ptr, lg_ptr, gv_ptr, gl_ptr, R, K, EPS: tl.constexp
     tl.store(gl_ptr + rows, g * proj, mask=rows < R)
     a = (g / norm)[:, None]
     c = (proj / norm)[:, None]
-    for k0 in range(0, K, BLOCK_K):
-        offs, m = _tile(pid, k0, R, K, ROWS, BLOCK_K)
+    for t in range(K_TILES):
+        offs, m = _tile(pid, t * BLOCK_K, R, K, ROWS, BLOCK_K)
         v = tl.load(v_ptr + offs, mask=m, other=0.0).to(tl.float32)
         G = tl.load(gw_ptr + offs, mask=m, other=0.0).to(tl.float32)
         tl.store(gv_ptr + offs, _to_dtype(a * (G - c * v), DT), mask=m)
 
 
 def _plan(v):
-    """(R, K, ROWS, BLOCK_K, programs). The interpreter costs ~10 ms per program whatever its
-    size, so there the tiles are as large as memory allows."""
+    """(R, K, ROWS, BLOCK_K, K_TILES, programs). The interpreter costs ~10 ms per program
+    whatever its size, so there the tiles are as large as memory allows."""
     R = v.shape[0]
     K = v.numel() // R
     cap_k, tile = (1 << 14, 1 << 17) if v.is_cpu else (1024, 1024)
     block_k = min(max(triton.next_power_of_2(K), 16), cap_k)
     rows = max(1, min(triton.next_power_of_2(R), tile // block_k))
-    return R, K, rows, block_k, triton.cdiv(R, rows)
+    return R, K, rows, block_k, triton.cdiv(K, block_k), triton.cdiv(R, rows)
 
 
 def weight_norm_fwd(v, log_g):
@@ -95,9 +102,10 @@ def weight_norm_fwd(v, log_g):
     w = torch.empty_like(v)
     if v.numel() == 0:
         return w
-    R, K, rows, block_k, progs = _plan(v)
+    R, K, rows, block_k, k_tiles, progs = _plan(v)
     _wn_fwd_kernel[(progs,)](v, log_g.to(torch.float32).contiguous(), w, R, K, EPS=EPS,
-                             DT=_TL_DTYPE[v.dtype], ROWS=rows, BLOCK_K=block_k, num_warps=4)
+                             DT=_TL_DTYPE[v.dtype], ROWS=rows, BLOCK_K=block_k, K_TILES=k_tiles,
+                             num_warps=4)
     return w
 
 
@@ -107,8 +115,8 @@ def weight_norm_bwd(grad_w, v, log_g):
     gl = torch.zeros(v.shape[0], dtype=torch.float32, device=v.device)
     if v.numel() == 0:
         return gv, gl.to(log_g.dtype)
-    R, K, rows, block_k, progs = _plan(v)
+    R, K, rows, block_k, k_tiles, progs = _plan(v)
     _wn_bwd_kernel[(progs,)](grad_w, v, log_g.to(torch.float32).contiguous(), gv, gl, R, K,
                              EPS=EPS, DT=_TL_DTYPE[v.dtype], ROWS=rows, BLOCK_K=block_k,
-                             num_warps=4)
+                             K_TILES=k_tiles, num_warps=4)
     return gv, gl.to(log_g.dtype)

@@ -53,3 +53,8 @@ def weight_norm_bwd(grad_w, v, log_g):
 def dwconv2d(x, w, bias, pad):
     """Depthwise conv, stride 1: x (B, C, H, W) float32 contiguous, w (C, 1, K, K), bias or None."""
     return _load().dwconv2d(x, w, bias, int(pad))
+
+
+def dwconv2d_wgrad(x, g, k, pad):
+    """Weight gradient (C, 1, k, k) of :func:`dwconv2d` for the output gradient g."""
+    return _load().dwconv2d_wgrad(x, g, int(k), int(pad))

@@ -118,9 +118,10 @@ def _median_ms(fn, reps: int) -> float:
     return 1e3 * ts[len(ts) // 2]
 
 
-def _time_pair(fast, plain, x: Tensor, need_grad: bool, reps: int = 5):
-    """Median milliseconds of ``fast(x)`` and ``plain(x)`` (with the input gradient of a random
-    cotangent when ``need_grad``), interleaved so that machine noise hits both alike."""
+def _time_pair(fast, plain, x: Tensor, need_grad: bool, reps: int = 5, wrt: tuple = ()):
+    """Median milliseconds of ``fast(x)`` and ``plain(x)`` (with the gradients for a random
+    input of the input and of the tensors ``wrt`` when ``need_grad``), interleaved so that
+    machine noise hits both alike."""
     xx = torch.randn(x.shape, dtype=x.dtype).contiguous(memory_format=_format(x))
 
     def run(f):
@@ -129,7 +130,7 @@ def _time_pair(fast, plain, x: Tensor, need_grad: bool, reps: int = 5):
                 with torch.enable_grad():
                     xi = xx.detach().requires_grad_(True)
                     y = f(xi)
-                    torch.autograd.grad(y, xi, torch.ones_like(y))
+                    torch.autograd.grad(y, (xi, *wrt), torch.ones_like(y))
             else:
                 with torch.no_grad():
                     f(xx)
@@ -145,23 +146,24 @@ def _time_pair(fast, plain, x: Tensor, need_grad: bool, reps: int = 5):
     return ta[reps // 2], tb[reps // 2]
 
 
-def prefer(kind: str, x: Tensor, fast, plain, sig: tuple = ()) -> bool:
+def prefer(kind: str, x: Tensor, fast, plain, sig: tuple = (), wrt: tuple = ()) -> bool:
     """Whether to take the fast path ``fast`` (a function of x) over ``plain`` (``F.conv2d``
     with the same arguments) for this call. Under ``VAEBM_CPU_CONV=auto`` the two are timed on
     the first call of each (kind, shapes, dtype, layout, autocast, threads, gradient) and the
     answer is cached for the process; ties go to the plain path. ``sig`` adds what else tells
-    calls apart (the weight's shape, the padding)."""
+    calls apart (the weight's shape, the padding); ``wrt``: parameters whose gradients the
+    timing includes (training)."""
     pol = policy()
     if pol != "auto":
         return pol == "kernel"
     if torch.compiler.is_compiling():
         return False
-    need_grad = x.requires_grad and torch.is_grad_enabled()
+    need_grad = (x.requires_grad or bool(wrt)) and torch.is_grad_enabled()
     ac = torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else None
     key = (kind, tuple(x.shape), sig, x.dtype, _format(x), ac, torch.get_num_threads(), need_grad)
     hit = _CHOICE.get(key)
     if hit is None:
-        t_fast, t_plain = _time_pair(fast, plain, x, need_grad)
+        t_fast, t_plain = _time_pair(fast, plain, x, need_grad, wrt=wrt if need_grad else ())
         hit = _CHOICE[key] = t_fast < _MARGIN * t_plain
         log.debug("vaebm.ops.conv: %s %s: kernel %.3f ms, F.conv2d %.3f ms -> %s", kind,
                   tuple(x.shape), t_fast, t_plain, "kernel" if hit else "F.conv2d")
@@ -316,3 +318,63 @@ def depthwise(x: Tensor, weight: Tensor, bias: Tensor | None, padding: int,
         return _Depthwise.apply(x, weight.contiguous(), weight_flip, b, int(padding))
     from . import _cpp_nn
     return _cpp_nn.dwconv2d(x, weight.contiguous(), b, int(padding))
+
+
+# ----------------------------------------------------------------------------- depthwise, training
+def depthwise_train_supported(x: Tensor, weight: Tensor, bias: Tensor | None, stride=(1, 1),
+                              padding=(0, 0), dilation=(1, 1), groups: int = 1) -> bool:
+    """True when :func:`depthwise_train` serves the call: as :func:`depthwise_supported` but
+    for a weight that needs its gradient (stage-1 training), no bias, K <= 15."""
+    if bias is not None or weight.shape[-1] > 15 or x.device.type != "cpu":
+        return False
+    if x.dtype != torch.float32 or weight.dtype != torch.float32 or x.dim() != 4:
+        return False
+    if torch.is_autocast_enabled("cpu") or not x.is_contiguous():
+        return False
+    C, K = x.shape[1], weight.shape[-1]
+    if groups != C or tuple(weight.shape) != (C, 1, K, K) or K % 2 == 0:
+        return False
+    p = tuple(padding) if not isinstance(padding, int) else (padding, padding)
+    if tuple(stride) != (1, 1) or tuple(dilation) != (1, 1) or p[0] != p[1] or p[0] >= K:
+        return False
+    return _kernel_ok()
+
+
+class _DepthwiseTrain(torch.autograd.Function):
+    """Stride-1 depthwise conv with both gradients on the C++ kernels: d/dx is the same conv
+    of the output gradient with the flipped kernel; d/dw is ``dwconv2d_wgrad``."""
+
+    @staticmethod
+    def forward(ctx, x, weight, pad):
+        from . import _cpp_nn
+        ctx.save_for_backward(x, weight)
+        ctx.pad = pad
+        return _cpp_nn.dwconv2d(x, weight, None, pad)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad):
+        from . import _cpp_nn
+        x, w = ctx.saved_tensors
+        k, pad = w.shape[-1], ctx.pad
+        grad = grad.contiguous()
+        gx = gw = None
+        if ctx.needs_input_grad[0]:
+            gx = _cpp_nn.dwconv2d(grad, w.flip(-1, -2).contiguous(), None, k - 1 - pad)
+        if ctx.needs_input_grad[1]:
+            gw = _cpp_nn.dwconv2d_wgrad(x, grad, k, pad)
+        return gx, gw, None
+
+
+def depthwise_train(x: Tensor, weight: Tensor, padding: int, *, check: bool = True) -> Tensor:
+    """``F.conv2d(x, weight, None, 1, padding, 1, C)`` with the input and weight gradients on
+    the C++ kernels (once differentiable). x (B, C, H, W) float32 contiguous; weight (C, 1, K, K)
+    (it may require grad). Raises ValueError for calls :func:`depthwise_train_supported`
+    rejects."""
+    if check and not depthwise_train_supported(x, weight, None, padding=(padding, padding),
+                                               groups=x.shape[1]):
+        raise ValueError(
+            f"depthwise_train: unsupported call (x {tuple(x.shape)} {x.dtype} on {x.device}, "
+            f"weight {tuple(weight.shape)}, padding {padding}); it serves stride-1 "
+            "(C, 1, K, K) convs of contiguous float32 CPU tensors, K odd <= 15, no bias")
+    return _DepthwiseTrain.apply(x, weight.contiguous(), int(padding))
