@@ -156,6 +156,8 @@ def _models_for_sampling(args):
     steps = args.steps if args.steps is not None else (conf.get("test_ld_steps", 16) if energy else 0)
     step_size = args.step_size or conf.get("ld_step_size", 8e-5)
     mode = args.mode or conf.get("energy_mode", "paper")
+    # E sees in sampling what it saw in its training chains
+    args._negative = conf.get("chain_negative") or "sample"
     return device, vae.to(device), energy, steps, step_size, mode
 
 
@@ -181,7 +183,8 @@ def cmd_sample(args) -> int:
                         t=args.temperature)
         vae.eval()
     res = vaebm_sample(vae, energy or _zero_energy, args.n, steps=steps, step_size=step_size,
-                       batch=args.batch, mode=mode, start=args.start, start_t=args.temperature,
+                       batch=args.batch, mode=mode, negative=args._negative, start=args.start,
+                       start_t=args.temperature,
                        seed=args.seed, every=args.every, device=device, backend=args.backend,
                        progress=True)
     os.makedirs(args.out, exist_ok=True)
@@ -273,7 +276,8 @@ def cmd_eval(args) -> int:
 
     def sampler(b):
         r = vaebm_sample(vae, energy or _zero_energy, b, steps=steps, step_size=step_size,
-                         batch=min(b, args.batch), mode=mode, seed=args.seed, device=device,
+                         batch=min(b, args.batch), mode=mode, negative=args._negative,
+                         seed=args.seed, device=device,
                          first_index=drawn[0], backend=args.backend)
         drawn[0] += b
         return r["samples"]

@@ -102,6 +102,55 @@ def test_negative_mean_vs_sample():
         assert torch.equal(xn, out.x_mean if neg == "mean" else out.x_sample)
 
 
+def test_energy_l2_adds_exactly_its_term():
+    """energy_l2 > 0 adds energy_l2 * (mean E(x+)^2 + mean E(x-)^2) to the loss and its
+    gradient; the chains (and so the negatives) are unchanged."""
+    x = make_data()[:4]
+    out = {}
+    for l2 in (0.0, 0.5):
+        t = trainer(lr=0.0, grad_clip=False, buffer_size=0, ld_steps=2, energy_l2=l2)
+        t.data_init()
+        xn, _, _ = t.negatives(0)
+        ep, en = t.energy(x).detach(), t.energy(xn).detach()
+        stats, reason = t.train_step(0, x)
+        assert reason is None
+        out[l2] = (stats["loss"], ep, en, xn, [p.grad.clone() for p in t.energy.parameters()])
+    (l0, ep, en, xn0, g0), (l1, _, _, xn1, g1) = out[0.0], out[0.5]
+    assert torch.equal(xn0, xn1)
+    want = 0.5 * (ep.square().mean() + en.square().mean()).item()
+    assert math.isclose(l1 - l0, want, rel_tol=1e-4, abs_tol=1e-4)
+    assert any(not torch.allclose(a, b) for a, b in zip(g0, g1))
+    with pytest.raises(ValueError, match="energy_l2"):
+        ebm_config("tiny", energy_l2=-1.0)
+
+
+def test_chain_negative_mean_feeds_the_decoder_mean_to_the_energy():
+    """chain_negative="mean": inside the chain E sees mu_x(z) (no pixel noise); the default
+    feeds the x-sample, as the published code."""
+    for chain in (None, "mean"):
+        t = trainer(ld_steps=1, chain_negative=chain)
+        t.data_init()
+        seen = []
+        orig = t.energy.forward
+
+        def spy(x, orig=orig, seen=seen):
+            if x.requires_grad:
+                seen.append(x.detach().clone())
+            return orig(x)
+
+        t.energy.forward = spy
+        t.negatives(0)
+        fn, _ = eps_energy_fn(t.vae, t.energy, "paper")
+        seed = t.chain_seed(0)
+        eps0 = initial_eps(t.vae, 0, t.local_batch, seed)
+        dec = t.vae.decode_eps(eps0)
+        want = dec.x_mean if chain == "mean" else dec.x_sample
+        assert len(seen) == 1
+        torch.testing.assert_close(seen[0], want.detach(), rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="chain_negative"):
+        ebm_config("tiny", chain_negative="noise")
+
+
 def test_models_frozen_during_chain_and_energy_trainable_after():
     t = trainer(ld_steps=2)
     t.data_init()

@@ -47,6 +47,8 @@ class EBMConfig:
     test_ld_steps: int = 16            # for sampling after training (not used by the trainer)
     energy_mode: str = "paper"         # "paper" (Eq. 9) or "official" (the published code)
     negative: str = "sample"           # "sample" T(eps) or "mean" mu_x(z) fed to E
+    chain_negative: str | None = None  # what E sees inside the chain (None: "sample", as published)
+    energy_l2: float = 0.0             # + energy_l2 * mean(E(x+)^2 + E(x-)^2) (IGEBM; 0: paper)
     ld_backend: str | None = None      # FusedLangevin backend (None: auto)
     # replay buffer of eps_z (0 disables)
     buffer_size: int = 0
@@ -294,6 +296,10 @@ def validate(cfg) -> None:
             raise ValueError(f"energy_mode must be 'paper' or 'official', got {cfg.energy_mode!r}")
         if cfg.negative not in ("sample", "mean"):
             raise ValueError(f"negative must be 'sample' or 'mean', got {cfg.negative!r}")
+        if cfg.chain_negative not in (None, "sample", "mean"):
+            raise ValueError("chain_negative must be None, 'sample' or 'mean', "
+                             f"got {cfg.chain_negative!r}")
+        pos("energy_l2", allow_zero=True)
         if not 0 <= cfg.buffer_prob <= 1:
             raise ValueError(f"buffer_prob must be in [0, 1], got {cfg.buffer_prob}")
         if cfg.on_divergence not in ("lr", "seed"):

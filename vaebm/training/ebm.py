@@ -8,12 +8,14 @@ One iteration (rank r of W, local batch B = batch_size / W)::
            energy), VAE and E frozen (requires_grad False, E's weight cache in sampling mode)
     x-   = T_x(eps) ("sample") or mu_x(z) ("mean"), detached
     loss = E(x+).mean() - E(x-).mean() + alpha * sum of spectral norms of E's convs
+           [+ energy_l2 * (mean E(x+)^2 + mean E(x-)^2), off in the paper's presets]
     grads averaged over ranks; per element clamped to +-(3 sqrt(v_hat) + 0.1) with Adam's
     bias-corrected second moment from the previous step (none on the first); Adam step
     (betas 0.99, 0.999; coupled L2 weight decay 3e-5; constant lr); eps_z pushed to the buffer.
 
-Inside the chain E sees the x-sample T(eps) as in the published code; ``negative`` only picks
-what the loss's negative phase evaluates.
+Inside the chain E sees the x-sample T(eps) as in the published code, unless
+``chain_negative="mean"`` (then mu_x(z), and ``vaebm sample`` does the same for such a run);
+``negative`` picks what the loss's negative phase evaluates.
 
 Divergence (non-finite loss, |E+ - E-| above ``max_energy_gap``, gradient norm above
 ``max_grad_norm``) is caught before the optimiser step: the trainer rolls back to its last
@@ -253,7 +255,8 @@ class EBMTrainer(TrainLoop):
         if self.buffer is not None:
             z, replay = self.buffer.sample(eps[:-1], it)
             eps = z + [eps[-1]]
-        fn, lam = eps_energy_fn(self.vae, self.energy, cfg.energy_mode, negative="sample")
+        fn, lam = eps_energy_fn(self.vae, self.energy, cfg.energy_mode,
+                                negative=cfg.chain_negative or "sample")
         was_training = self.energy.training
         self.energy.eval()
         try:
@@ -297,6 +300,11 @@ class EBMTrainer(TrainLoop):
             spec = torch.zeros((), device=self.device)
         cd = e_pos.mean() - e_neg.mean()
         loss = cd + cfg.alpha_spectral * spec
+        if cfg.energy_l2:
+            # keeps both energies near 0 (IGEBM): without it nothing in the loss fixes the
+            # energy's offset, and on a weak VAE E(x+) and E(x-) drift to -1e3 .. -5e3 together
+            loss = loss + cfg.energy_l2 * (e_pos.float().square().mean()
+                                           + e_neg.float().square().mean())
         loss.backward()
         D.average_gradients(self.params)
         gnorm = _grad_norm(self.params)
