@@ -39,7 +39,7 @@ setup(
     license="Apache-2.0",
     python_requires=">=3.9",
     packages=find_packages(include=["vaebm", "vaebm.*"]),
-    install_requires=["torch>=2.3", "numpy"],
+    install_requires=["torch>=2.3", "numpy", "tomli>=1.1; python_version < '3.11'"],
     extras_require={
         "kernels": ["ninja", "triton>=3.2; platform_system == 'Linux'"],
         "data": ["pillow"],
