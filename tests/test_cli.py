@@ -140,3 +140,25 @@ def test_ood_digits_are_a_random_subset(digits_root):
     x, y = get_dataset("mnist", root=str(digits_root), split="train").as_tensors()
     picked = [int(torch.cdist(img.flatten()[None], x.flatten(1)).argmin()) for img in sets["mnist"]]
     assert len(set(y[picked].tolist())) >= 4  # the first 12 would be classes 0 and 1 only
+
+
+def test_version(capsys):
+    import vaebm
+
+    with pytest.raises(SystemExit) as e:
+        main(["--version"])
+    assert e.value.code == 0
+    assert capsys.readouterr().out.strip() == f"vaebm {vaebm.__version__}"
+
+
+def test_version_without_package_metadata(monkeypatch):
+    import importlib.metadata as md
+
+    import vaebm
+    from vaebm.cli import _version
+
+    def missing(name):
+        raise md.PackageNotFoundError(name)
+
+    monkeypatch.setattr(md, "version", missing)
+    assert _version() == vaebm.__version__

@@ -330,8 +330,20 @@ def _train_args(p, kind: str):
     p.add_argument("--progress", action="store_true", help="progress bar (needs tqdm)")
 
 
+def _version() -> str:
+    """The installed distribution's version, else the package's ``__version__``."""
+    from importlib.metadata import PackageNotFoundError, version
+    try:
+        return version("vaebm")
+    except PackageNotFoundError:  # run from a source tree that was never installed
+        pass
+    from . import __version__
+    return __version__
+
+
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="vaebm", description="VAEBM: train, sample, evaluate.")
+    p.add_argument("--version", action="version", version=f"vaebm {_version()}")
     sub = p.add_subparsers(dest="command", required=True)
     sub.add_parser("backends", help=cmd_backends.__doc__).set_defaults(func=cmd_backends)
     demo = sub.add_parser("demo", help=cmd_demo.__doc__)
