@@ -79,18 +79,51 @@ def test_train_sample_resume(data_root, tmp_path, capsys):
     assert res["bpd"]["n"] == 6 and 0 < res["bpd"]["bpd"] < 16
 
 
-def test_errors(tmp_path, data_root):
-    with pytest.raises(FileNotFoundError, match="no such checkpoint"):
-        main(["sample", "--vae", str(tmp_path / "missing"), "--out", str(tmp_path / "o")])
-    with pytest.raises(SystemExit, match="no default presets"):
-        main(["train-vae", "--dataset", "imagenet", "--out", str(tmp_path / "x")])
+def _error(capsys, argv, status=2):
+    """main(argv) fails with one 'vaebm: error:' line on stderr and the exit status; returns it."""
+    assert main(argv) == status
+    err = capsys.readouterr().err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("vaebm: error: "), err
+    assert "Traceback" not in err
+    return lines[0]
+
+
+def test_errors(tmp_path, data_root, capsys):
+    assert "no such checkpoint" in _error(
+        capsys, ["sample", "--vae", str(tmp_path / "missing"), "--out", str(tmp_path / "o")])
+    assert "no default presets for dataset 'imagenet'" in _error(
+        capsys, ["train-vae", "--dataset", "imagenet", "--out", str(tmp_path / "x")])
     bad = tmp_path / "vae.pt"
     bad.write_bytes(b"VAEBMCK1" + b"\0" * 10)
+    assert "truncated" in _error(capsys, ["sample", "--vae", str(bad), "--out", str(tmp_path / "o")])
+    msg = _error(capsys, ["train-vae", "--dataset", "fashion_mnist", "--data-root", str(data_root),
+                          "--out", str(tmp_path / "v"), "--set", "learning_rate=1"])
+    assert "unknown VAEConfig field 'learning_rate'" in msg
+    # --debug (before or after the command) shows the traceback instead
+    with pytest.raises(FileNotFoundError, match="no such checkpoint"):
+        main(["--debug", "sample", "--vae", str(tmp_path / "missing"), "--out", str(tmp_path / "o")])
     with pytest.raises(Exception, match="truncated"):
-        main(["sample", "--vae", str(bad), "--out", str(tmp_path / "o")])
-    with pytest.raises(KeyError, match="unknown VAEConfig field"):
-        main(["train-vae", "--dataset", "fashion_mnist", "--data-root", str(data_root),
-              "--out", str(tmp_path / "v"), "--set", "learning_rate=1"])
+        main(["sample", "--vae", str(bad), "--out", str(tmp_path / "o"), "--debug"])
+
+
+def test_runtime_failure_exit_status_and_bugs_keep_their_traceback(monkeypatch, capsys):
+    import vaebm.cli as cli
+    from vaebm.training.checkpoint import TrainingDiverged
+
+    def diverged(args):
+        raise TrainingDiverged("training diverged at iteration 3\n(lower the lr)")
+
+    monkeypatch.setattr(cli, "cmd_backends", diverged)
+    assert _error(capsys, ["backends"], status=1) == \
+        "vaebm: error: training diverged at iteration 3 (lower the lr)"
+
+    def bug(args):
+        raise TypeError("a bug")
+
+    monkeypatch.setattr(cli, "cmd_backends", bug)
+    with pytest.raises(TypeError, match="a bug"):
+        main(["backends"])
 
 
 @pytest.fixture(scope="module")
@@ -119,8 +152,8 @@ def test_stacked_mnist_pipeline_and_modes(digits_root, tmp_path, capsys):
     ev = ["eval", "--vae", str(vae_dir), "--ebm", str(ebm_dir), "--dataset", "stacked_mnist",
           "--data-root", str(digits_root), "--metrics", "modes", "--n", "8", "--steps", "1",
           "--batch", "8"]
-    with pytest.raises(SystemExit, match="needs --classifier PATH"):
-        main([*ev, "--out", str(tmp_path / "e0")])
+    assert main([*ev, "--out", str(tmp_path / "e0")]) == 2
+    assert "vaebm: error: --metrics modes needs --classifier PATH" in capsys.readouterr().err
     assert main([*ev, "--digits", str(digits_root), "--out", str(tmp_path / "e1")]) == 0
     res = json.loads((tmp_path / "e1" / "eval.json").read_text())["modes"]
     assert "error" not in res, res

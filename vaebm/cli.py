@@ -7,6 +7,10 @@ import argparse
 import sys
 
 
+class UsageError(ValueError):
+    """Bad command-line input: reported as one ``vaebm: error:`` line, exit status 2."""
+
+
 def cmd_backends(args) -> int:
     """Which kernel backends can run here (builds them on first use)."""
     import torch
@@ -62,7 +66,7 @@ DATASET_DEFAULTS = {
 def _defaults(dataset: str) -> tuple[str, str, str]:
     key = dataset.lower().replace("-", "_")
     if key not in DATASET_DEFAULTS:
-        raise SystemExit(f"vaebm: no default presets for dataset {dataset!r}; pass --model and "
+        raise UsageError(f"no default presets for dataset {dataset!r}; pass --model and "
                          f"--preset (datasets with defaults: {', '.join(DATASET_DEFAULTS)})")
     return DATASET_DEFAULTS[key]
 
@@ -77,9 +81,12 @@ def _config(kind: str, args, preset: str):
     overrides["out_dir"] = args.out
     if getattr(args, "progress", False):
         overrides["progress"] = True
-    if args.config:
-        return load_config(args.config, kind, overrides)
-    return make_config(kind, args.preset or preset, **overrides)
+    try:
+        if args.config:
+            return load_config(args.config, kind, overrides)
+        return make_config(kind, args.preset or preset, **overrides)
+    except KeyError as e:  # an unknown field name (--set, --config): bad input, not a bug
+        raise UsageError(e.args[0] if e.args else str(e)) from None
 
 
 def _dist():
@@ -233,7 +240,7 @@ def _ood_sets(spec: str, test, shape, n: int, root_default=None) -> dict:
                     else torch.nn.functional.interpolate(imgs, size=shape[-2:], mode="bilinear")
             sets[name] = imgs
         else:
-            raise SystemExit(f"vaebm eval: unknown OOD set {name!r} (noise, interp, mnist[:PATH], "
+            raise UsageError(f"--ood: unknown OOD set {name!r} (noise, interp, mnist[:PATH], "
                              "fashion_mnist[:PATH], cifar10[:PATH])")
     return sets
 
@@ -251,7 +258,7 @@ def _mode_classifier(args, device) -> dict:
         model, info = load_classifier(args.classifier, device=device)
         return {"classifier": model, "classifier_info": info}
     if not args.digits:
-        raise SystemExit("vaebm eval: --metrics modes needs --classifier PATH (a saved digit "
+        raise UsageError("--metrics modes needs --classifier PATH (a saved digit "
                          "classifier) or --digits ROOT (MNIST digits to train one on)")
     ds = get_dataset("mnist", root=args.digits, split="train")
     x, y = ds.as_tensors()[:2]
@@ -344,6 +351,7 @@ def _version() -> str:
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="vaebm", description="VAEBM: train, sample, evaluate.")
     p.add_argument("--version", action="version", version=f"vaebm {_version()}")
+    p.add_argument("--debug", action="store_true", help="show the traceback of an error")
     sub = p.add_subparsers(dest="command", required=True)
     sub.add_parser("backends", help=cmd_backends.__doc__).set_defaults(func=cmd_backends)
     demo = sub.add_parser("demo", help=cmd_demo.__doc__)
@@ -412,12 +420,42 @@ def _parser() -> argparse.ArgumentParser:
     ev.add_argument("--backend", default=None)
     ev.add_argument("--out", default="vaebm-eval")
     ev.set_defaults(func=cmd_eval)
+    for sp_ in sub.choices.values():  # --debug also after the command (never resets it)
+        sp_.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
+                         help="show the traceback of an error")
     return p
 
 
+def _exit_status(e: BaseException) -> int | None:
+    """2 for bad input, 1 for a failure while running, None for anything else (a bug: the
+    traceback is shown)."""
+    from .training.checkpoint import CheckpointError
+
+    if isinstance(e, (UsageError, ValueError, FileNotFoundError, CheckpointError)):
+        return 2
+    if isinstance(e, (RuntimeError, OSError)):  # the library's own errors are RuntimeErrors
+        return 1
+    return None
+
+
+def _one_line(e: BaseException) -> str:
+    msg = str(e.args[0]) if isinstance(e, KeyError) and e.args else str(e)
+    msg = " ".join(line.strip() for line in msg.splitlines() if line.strip())
+    return msg or type(e).__name__
+
+
 def main(argv=None) -> int:
+    """Run the command; errors are one ``vaebm: error: ...`` line on stderr and a non-zero
+    status (2: bad input, 1: a failure while running) unless ``--debug`` is given."""
     args = _parser().parse_args(argv)
-    return args.func(args) or 0
+    try:
+        return args.func(args) or 0
+    except Exception as e:
+        status = _exit_status(e)
+        if status is None or getattr(args, "debug", False):
+            raise
+        print(f"vaebm: error: {_one_line(e)}", file=sys.stderr, flush=True)
+        return status
 
 
 if __name__ == "__main__":
