@@ -195,3 +195,55 @@ def test_version_without_package_metadata(monkeypatch):
 
     monkeypatch.setattr(md, "version", missing)
     assert _version() == vaebm.__version__
+
+
+def test_bad_numbers_are_refused_naming_the_flag(tmp_path, data_root, capsys):
+    """Checked before anything is loaded (the models here do not even exist): --step-size 0 was
+    silently replaced by the run's step size, --batch 0 crashed eval with ZeroDivisionError."""
+    s = ["sample", "--vae", str(tmp_path / "nothing"), "--out", str(tmp_path / "o")]
+    e = ["eval", "--vae", str(tmp_path / "nothing"), "--dataset", "fashion_mnist",
+         "--metrics", "bpd", "--out", str(tmp_path / "o")]
+    for argv, flag in ((s + ["--step-size", "0"], "--step-size must be positive"),
+                       (s + ["--step-size=-1e-3"], "--step-size must be positive"),
+                       (s + ["--step-size", "nan"], "--step-size must be positive"),
+                       (s + ["--temperature", "-0.5"], "--temperature must be non-negative"),
+                       (s + ["--every", "-1"], "--every must be non-negative"),
+                       (s + ["--n", "0"], "--n must be positive"),
+                       (s + ["--batch", "0"], "--batch must be positive"),
+                       (s + ["--steps", "-2"], "--steps must be non-negative"),
+                       (e + ["--batch", "0"], "--batch must be positive"),
+                       (e + ["--n", "0"], "--n must be positive"),
+                       (e + ["--n-ood", "0"], "--n-ood must be positive"),
+                       (e + ["--iwae-k", "0"], "--iwae-k must be at least 1"),
+                       (e + ["--step-size", "0"], "--step-size must be positive")):
+        assert flag in _error(capsys, argv), argv
+    t = ["train-vae", "--dataset", "fashion_mnist", "--data-root", str(data_root),
+         "--out", str(tmp_path / "v")]
+    assert "--batch-size must be positive" in _error(capsys, t + ["--batch-size", "0"])
+    assert "--steps must be non-negative" in _error(capsys, t + ["--steps", "-1"])
+    for setting, words in (("lr=abc", "VAEConfig.lr must be a number, got 'abc'"),
+                           ("steps=ten", "VAEConfig.steps must be an integer or none, got 'ten'"),
+                           ("kl_balance=2", "VAEConfig.kl_balance must be true or false"),
+                           ("eval_batches=0", "VAEConfig.eval_batches must be a positive integer"),
+                           ("n_bits=0", "VAEConfig.n_bits must be an integer in 1..16"),
+                           ("n_bits=17", "VAEConfig.n_bits must be an integer in 1..16")):
+        assert words in _error(capsys, t + ["--set", setting]), setting
+    te = ["train-ebm", "--dataset", "fashion_mnist", "--data-root", str(data_root),
+          "--vae", str(tmp_path / "nothing"), "--out", str(tmp_path / "e")]
+    assert "EBMConfig.buffer_dtype must be 'float32', 'float16' or 'bfloat16', got 'int8'" in \
+        _error(capsys, te + ["--set", "buffer_dtype=int8"])
+    assert "EBMConfig.ld_step_size must be a number, got 'fast'" in \
+        _error(capsys, te + ["--set", "ld_step_size=fast"])
+
+
+def test_vaebm_sample_checks_every_temperature_and_first_index():
+    from vaebm.models.nvae import NVAE
+    from vaebm.sampling.generate import vaebm_sample
+
+    vae = NVAE("tiny")
+    zero = lambda x: x.flatten(1).sum(1) * 0.0  # noqa: E731
+    for kw, words in ((dict(every=-1), "every must be a non-negative integer"),
+                      (dict(start_t=-0.7, start="low_temp"), "start_t"),
+                      (dict(first_index=-3), "first_index")):
+        with pytest.raises(ValueError, match=words):
+            vaebm_sample(vae, zero, 2, steps=1, **kw)

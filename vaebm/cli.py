@@ -89,6 +89,40 @@ def _config(kind: str, args, preset: str):
         raise UsageError(e.args[0] if e.args else str(e)) from None
 
 
+def _check_number(args, dest: str, *, minimum: float = 0, strict: bool = False) -> None:
+    """``--flag`` (attribute ``dest``) must be finite and >= minimum (> with ``strict``);
+    None (not given) passes."""
+    import math
+
+    v = getattr(args, dest, None)
+    if v is None:
+        return
+    flag = "--" + dest.replace("_", "-")
+    ok = math.isfinite(v) and (v > minimum if strict else v >= minimum)
+    if not ok:
+        what = {(0, True): "positive", (0, False): "non-negative",
+                (1, False): "at least 1"}.get((minimum, strict), f"> {minimum}")
+        raise UsageError(f"{flag} must be {what}, got {v!r}")
+
+
+def _check_train_args(args) -> None:
+    _check_number(args, "steps")
+    _check_number(args, "batch_size", strict=True)
+
+
+def _check_sampling_args(args) -> None:
+    """The numbers ``sample`` and ``eval`` take, checked before anything is loaded."""
+    _check_number(args, "n", strict=True)
+    _check_number(args, "batch", strict=True)
+    _check_number(args, "steps")
+    _check_number(args, "step_size", strict=True)  # 0 would be no Langevin move at all
+    _check_number(args, "temperature")
+    _check_number(args, "every")  # 0: no chain frames
+    _check_number(args, "readjust_bn")
+    _check_number(args, "n_ood", strict=True)
+    _check_number(args, "iwae_k", minimum=1)
+
+
 def _dist():
     import os
 
@@ -104,6 +138,7 @@ def cmd_train_vae(args) -> int:
     from .models.nvae import NVAE
     from .training.vae import train_vae
 
+    _check_train_args(args)
     model_preset, vae_preset, _ = _defaults(args.dataset) if not (args.model and args.preset) \
         else (args.model, args.preset, None)
     cfg = _config("vae", args, vae_preset)
@@ -130,6 +165,7 @@ def cmd_train_ebm(args) -> int:
     from .models.energy import EnergyNet
     from .training.ebm import train_ebm
 
+    _check_train_args(args)
     _, _, ebm_preset = _defaults(args.dataset) if not args.preset else (None, None, args.preset)
     cfg = _config("ebm", args, ebm_preset)
     _dist()
@@ -153,6 +189,7 @@ def _models_for_sampling(args):
 
     from .loading import load_ebm, load_vae
 
+    _check_sampling_args(args)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     vae, _ = load_vae(args.vae, map_location=device)
     energy, conf = None, {}
@@ -161,7 +198,7 @@ def _models_for_sampling(args):
         energy.to(device)
         conf = ck.get("config") or {}
     steps = args.steps if args.steps is not None else (conf.get("test_ld_steps", 16) if energy else 0)
-    step_size = args.step_size or conf.get("ld_step_size", 8e-5)
+    step_size = args.step_size if args.step_size is not None else conf.get("ld_step_size", 8e-5)
     mode = args.mode or conf.get("energy_mode", "paper")
     # E sees in sampling what it saw in its training chains
     args._negative = conf.get("chain_negative") or "sample"

@@ -108,6 +108,12 @@ def vaebm_sample(vae: EpsVAE, energy: Callable[[torch.Tensor], torch.Tensor], n:
         raise ValueError(f"output must be 'mean' or 'sample', got {output!r}")
     if start not in ("noise", "low_temp"):
         raise ValueError(f"start must be 'noise' or 'low_temp', got {start!r}")
+    if int(every) != every or every < 0:
+        raise ValueError(f"every must be a non-negative integer (0: no chain frames), got {every}")
+    if not (math.isfinite(start_t) and start_t >= 0):
+        raise ValueError(f"start_t (the start's temperature) must be non-negative, got {start_t}")
+    if int(first_index) != first_index or first_index < 0:
+        raise ValueError(f"first_index must be a non-negative integer, got {first_index}")
     fn, lam = eps_energy_fn(vae, energy, mode, negative=negative)
     # the decoder mean can leave [0, 1] slightly (the sample is clamped by T); images are [0, 1]
     pick = (lambda d: d.x_mean.clamp(0.0, 1.0)) if output == "mean" else (lambda d: d.x_sample)

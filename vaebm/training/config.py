@@ -267,8 +267,48 @@ def from_dict(kind: str, d: Mapping):
     return cfg
 
 
+def _type_error(cfg, f) -> str | None:
+    """Why the value of field ``f`` does not have the field's declared type, or None. Lenient
+    where the value can still work (integral floats for integers, paths and devices for
+    strings); the point is a message naming the field, e.g. for ``--set lr=abc``."""
+    import numbers
+
+    v = getattr(cfg, f.name)
+    ann = f.type if isinstance(f.type, str) else getattr(f.type, "__name__", str(f.type))
+    names = [a.strip() for a in ann.split("|")]
+    if v is None:
+        if "None" in names or "Any" in names:
+            return None
+    else:
+        for n in names:
+            number = isinstance(v, numbers.Real) and not isinstance(v, bool)
+            if n == "int" and number and (isinstance(v, numbers.Integral)
+                                          or (math.isfinite(v) and float(v).is_integer())):
+                return None
+            if n == "float" and number:
+                return None
+            if n == "bool" and isinstance(v, bool):
+                return None
+            if n == "str" and not isinstance(v, (bool, numbers.Number, list, tuple, dict)):
+                return None
+            if n == "tuple" and isinstance(v, (list, tuple)):
+                return None
+            if n not in ("int", "float", "bool", "str", "tuple", "None"):
+                return None  # a type this check does not know: not checked
+    words = {"int": "an integer", "float": "a number", "bool": "true or false",
+             "str": "a string", "tuple": "an array", "None": "none"}
+    want = " or ".join(words.get(n, n) for n in names)
+    return (f"{type(cfg).__name__}.{f.name} must be {want}, got {v!r} "
+            f"({type(v).__name__})")
+
+
 def validate(cfg) -> None:
     """Clear errors for values that cannot work."""
+    for f in fields(cfg):  # types first: the checks below compare numbers
+        msg = _type_error(cfg, f)
+        if msg is not None:
+            raise ValueError(msg)
+
     def pos(name, integer=False, allow_zero=False):
         v = getattr(cfg, name)
         ok = v is not None and (v >= 0 if allow_zero else v > 0) and math.isfinite(v)
@@ -308,8 +348,12 @@ def validate(cfg) -> None:
             raise ValueError(f"buffer_prob must be in [0, 1], got {cfg.buffer_prob}")
         if cfg.on_divergence not in ("lr", "seed"):
             raise ValueError(f"on_divergence must be 'lr' or 'seed', got {cfg.on_divergence!r}")
-        if len(cfg.betas) != 2 or not all(0 <= b < 1 for b in cfg.betas):
+        if len(cfg.betas) != 2 or not all(isinstance(b, (int, float)) and not isinstance(b, bool)
+                                          and 0 <= b < 1 for b in cfg.betas):
             raise ValueError(f"betas must be two numbers in [0, 1), got {cfg.betas!r}")
+        if cfg.buffer_dtype not in ("float32", "float16", "bfloat16"):
+            raise ValueError("EBMConfig.buffer_dtype must be 'float32', 'float16' or 'bfloat16', "
+                             f"got {cfg.buffer_dtype!r}")
     else:
         if cfg.steps is None and cfg.epochs is None:
             raise ValueError("VAEConfig needs steps or epochs")
@@ -320,6 +364,11 @@ def validate(cfg) -> None:
         pos("adamax_eps")
         pos("kl_min_coeff", allow_zero=True)
         pos("eval_iwae_k", True)
+        if cfg.eval_batches is not None:
+            pos("eval_batches", True)  # None: the whole eval set; 0 would evaluate nothing
+        if cfg.n_bits is not None and not (int(cfg.n_bits) == cfg.n_bits and 1 <= cfg.n_bits <= 16):
+            raise ValueError(f"VAEConfig.n_bits must be an integer in 1..16 (bits per pixel "
+                             f"level) or None, got {cfg.n_bits!r}")
         if not 0 <= cfg.kl_anneal_portion <= 1:
             raise ValueError(f"kl_anneal_portion must be in [0, 1], got {cfg.kl_anneal_portion}")
         if cfg.wdn_anneal and not (cfg.wdn > 0 and cfg.wdn_init > 0):
