@@ -247,3 +247,17 @@ def test_vaebm_sample_checks_every_temperature_and_first_index():
                       (dict(first_index=-3), "first_index")):
         with pytest.raises(ValueError, match=words):
             vaebm_sample(vae, zero, 2, steps=1, **kw)
+
+
+def test_train_refuses_a_run_folder_in_use(tmp_path, data_root, capsys):
+    import os
+
+    from vaebm.training.loop import RunLock
+
+    out = tmp_path / "busy"
+    with RunLock(out):
+        msg = _error(capsys, ["train-vae", "--dataset", "fashion_mnist", "--data-root",
+                              str(data_root), "--preset", "tiny", "--steps", "1",
+                              "--out", str(out)], status=1)
+    assert f"run folder {out} is in use by another trainer (PID {os.getpid()}" in msg
+    assert not (out / "vae.pt").exists() and not (out / "vae.csv").exists()

@@ -25,6 +25,9 @@ list per logged stat (plus an optional ``"eval"`` list, not a stat).
 
 from __future__ import annotations
 
+import errno
+import os
+import warnings
 from pathlib import Path
 
 import torch
@@ -33,9 +36,69 @@ from . import distributed as D
 from .checkpoint import load_latest, to_cpu
 from .logging import TrainLogger
 
-__all__ = ["TrainLoop"]
+__all__ = ["TrainLoop", "RunLock", "RunLocked"]
 
 _NOT_STATS = ("iteration", "events", "eval")  # history lists that are not per-iteration stats
+LOCK_NAME = ".lock"
+
+
+class RunLocked(RuntimeError):
+    """Another process (or another trainer in this one) is training in the same run folder."""
+
+
+class RunLock:
+    """Exclusive, non-blocking lock of a run folder: ``fcntl.flock`` on ``<out_dir>/.lock``, which
+    holds the PID of the holder. Locks belong to the open file, so two trainers of one process
+    exclude each other too. The file stays after release (deleting it would let a third process
+    lock a new file while a second still holds the old one). Where ``flock`` is unavailable
+    (Windows) or the file system refuses it, the run goes on unlocked with a warning."""
+
+    def __init__(self, out_dir):
+        self.dir = Path(out_dir)
+        self.path = self.dir / LOCK_NAME
+        self._fd = None
+
+    def acquire(self) -> "RunLock":
+        try:
+            import fcntl
+        except ImportError:
+            return self
+        self.dir.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as e:
+            held = e.errno in (errno.EAGAIN, errno.EACCES, errno.EWOULDBLOCK)
+            holder = os.pread(fd, 64, 0).decode(errors="replace").strip() if held else ""
+            os.close(fd)
+            if not held:
+                warnings.warn(f"cannot lock the run folder {self.dir} ({e}); training without "
+                              "protection against a second trainer in the same folder")
+                return self
+            raise RunLocked(f"run folder {self.dir} is in use by another trainer (PID "
+                            f"{holder or 'unknown'}, lock file {self.path}); wait for it to "
+                            "finish or stop it, or train into another folder") from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        self._fd = fd
+        return self
+
+    def release(self) -> None:
+        if self._fd is None:
+            return
+        import fcntl
+        try:
+            os.ftruncate(self._fd, 0)  # no stale PID for the next reader
+            fcntl.flock(self._fd, fcntl.LOCK_UN)  # also for forked children sharing the file
+        finally:
+            os.close(self._fd)
+            self._fd = None
+
+    def __enter__(self):
+        return self.acquire()
+
+    def __exit__(self, *exc):
+        self.release()
 
 
 class TrainLoop:
@@ -55,6 +118,7 @@ class TrainLoop:
         self.iteration = 0
         self.out_dir = Path(cfg.out_dir) if cfg.out_dir else None
         self.logger = None
+        self._pending_events: list = []  # events before the logger exists (resume)
         self._snapshot, self._fail_it = None, -1
 
     def _open_data(self, data) -> None:
@@ -107,6 +171,8 @@ class TrainLoop:
         self.history["events"].append({"iteration": self.iteration, "message": msg})
         if self.logger is not None:
             self.logger.event(self.iteration, msg)
+        else:  # written to events.log once the logger is open
+            self._pending_events.append((self.iteration, msg))
 
     def _take_snapshot(self) -> None:
         self._snapshot = to_cpu(self._snapshot_state())
@@ -148,7 +214,18 @@ class TrainLoop:
     def run(self, resume="auto") -> dict:
         """Train until ``self.total`` iterations; returns the history dict. ``resume``: "auto"
         (continue from ``out_dir/<ckpt_name>`` or its ``.prev`` when one exists), False, or a
-        path."""
+        path. The run folder is locked (:class:`RunLock`) from start to end: a second trainer
+        on it fails at once with :class:`RunLocked`."""
+        lock = None
+        if self.out_dir is not None and self.rank == 0:  # rank 0 holds it for all ranks
+            lock = RunLock(self.out_dir).acquire()
+        try:
+            return self._run(resume)
+        finally:
+            if lock is not None:
+                lock.release()
+
+    def _run(self, resume) -> dict:
         cfg = self.cfg
         if resume == "auto":
             p = self.ckpt_path
@@ -162,6 +239,9 @@ class TrainLoop:
                                   tensorboard=cfg.tensorboard, progress=cfg.progress,
                                   total=self.total, enabled=self.rank == 0)
         try:
+            for it_, msg in self._pending_events:
+                self.logger.event(it_, msg)
+            self._pending_events = []
             if not resume:
                 self._fresh_start()
             self._take_snapshot()
