@@ -261,3 +261,27 @@ def test_train_refuses_a_run_folder_in_use(tmp_path, data_root, capsys):
                               "--out", str(out)], status=1)
     assert f"run folder {out} is in use by another trainer (PID {os.getpid()}" in msg
     assert not (out / "vae.pt").exists() and not (out / "vae.csv").exists()
+
+
+def test_no_resume_refuses_to_overwrite_a_run_unless_forced(tmp_path, data_root, capsys):
+    out = tmp_path / "run"
+    (out / "samples").mkdir(parents=True)
+    old = {"vae.pt": b"old checkpoint", "vae.pt.prev": b"older", "vae.csv": b"iteration,loss\n0,1\n",
+           "events.log": b"0\tcheckpoint\n", "samples/vae_0000001.png": b"png", "ebm.pt": b"stage 2"}
+    for name, data in old.items():
+        (out / name).write_bytes(data)
+    argv = ["train-vae", "--dataset", "fashion_mnist", "--data-root", str(data_root), "--preset",
+            "tiny", "--steps", "1", "--set", "eval_batches=1", "--set", "eval_iwae_k=1",
+            "--out", str(out), "--no-resume"]
+    msg = _error(capsys, argv)
+    assert f"--out {out} holds a previous run (vae.pt, vae.pt.prev, vae.csv)" in msg
+    assert "--force" in msg
+    assert {n: (out / n).read_bytes() for n in old} == old  # untouched
+    assert main([*argv, "--force"]) == 0
+    printed = capsys.readouterr().out
+    backups = list(tmp_path.glob("run.bak-*"))
+    assert len(backups) == 1 and str(backups[0]) in printed and "moved" in printed
+    for name, data in old.items():  # nothing lost: all in the backup but stage 2's checkpoint
+        assert (backups[0] / name if name != "ebm.pt" else out / name).read_bytes() == data
+    assert load_checkpoint(out / "vae.pt", kind="vae")["iteration"] == 1
+    assert not (out / "vae.pt.prev").exists()  # a fresh run, not a continuation

@@ -123,6 +123,46 @@ def _check_sampling_args(args) -> None:
     _check_number(args, "iwae_k", minimum=1)
 
 
+def _prepare_out(args, kind: str) -> None:
+    """``--no-resume`` on a folder that holds a run of this stage (checkpoint or CSV) would
+    overwrite it: refuse, or with ``--force`` first move the folder's files (all but the other
+    stage's checkpoint and CSV) to ``<out>.bak-<timestamp>``; nothing is deleted."""
+    import os
+    import shutil
+    import time
+    from pathlib import Path
+
+    from .training.loop import LOCK_NAME, RunLock
+
+    out = Path(args.out)
+    mine = [f"{kind}.pt", f"{kind}.pt.prev", f"{kind}.csv"]
+    found = [n for n in mine if (out / n).exists()]
+    if not args.no_resume or not found:
+        return
+    if not args.force:
+        raise UsageError(f"--out {out} holds a previous run ({', '.join(found)}) that --no-resume "
+                         "would overwrite; add --force to move its files to a backup folder "
+                         "first, drop --no-resume to continue it, or choose another --out")
+    if int(os.environ.get("RANK", "0")) != 0:
+        return
+    other = "ebm" if kind == "vae" else "vae"
+    keep = {LOCK_NAME, f"{other}.pt", f"{other}.pt.prev", f"{other}.csv"}
+    with RunLock(out):  # never from under a trainer that is using the folder
+        stamp = time.strftime("%Y%m%d-%H%M%S")
+        backup, i = Path(f"{out}.bak-{stamp}"), 1
+        while backup.exists():
+            i += 1
+            backup = Path(f"{out}.bak-{stamp}-{i}")
+        backup.mkdir(parents=True)
+        moved = []
+        for entry in sorted(out.iterdir()):
+            if entry.name not in keep:
+                shutil.move(str(entry), str(backup / entry.name))
+                moved.append(entry.name)
+    print(f"vaebm train-{kind}: --no-resume --force: moved the previous run's files "
+          f"({', '.join(moved)}) from {out} to {backup}", flush=True)
+
+
 def _dist():
     import os
 
@@ -142,6 +182,7 @@ def cmd_train_vae(args) -> int:
     model_preset, vae_preset, _ = _defaults(args.dataset) if not (args.model and args.preset) \
         else (args.model, args.preset, None)
     cfg = _config("vae", args, vae_preset)
+    _prepare_out(args, "vae")
     _dist()
     train = get_dataset(args.dataset, root=args.data_root, split="train")
     try:
@@ -168,6 +209,7 @@ def cmd_train_ebm(args) -> int:
     _check_train_args(args)
     _, _, ebm_preset = _defaults(args.dataset) if not args.preset else (None, None, args.preset)
     cfg = _config("ebm", args, ebm_preset)
+    _prepare_out(args, "ebm")
     _dist()
     vae, info = load_vae(args.vae)
     c, h = vae.image_shape[0], vae.image_shape[1]
@@ -370,7 +412,10 @@ def _train_args(p, kind: str):
     p.add_argument("--batch-size", type=int, default=None, help="global batch size")
     p.add_argument("--device", default=None)
     p.add_argument("--out", required=True, help="run folder (checkpoint, logs, sample grids)")
-    p.add_argument("--no-resume", action="store_true", help="start over even if --out has a checkpoint")
+    p.add_argument("--no-resume", action="store_true",
+                   help="start over; refused when --out holds a run, unless --force is given")
+    p.add_argument("--force", action="store_true", help="with --no-resume: move the files of the "
+                   "run in --out to <out>.bak-<timestamp> first (nothing is deleted)")
     p.add_argument("--progress", action="store_true", help="progress bar (needs tqdm)")
 
 
