@@ -4,6 +4,7 @@ safe loading, RNG capture."""
 import argparse
 import os
 import random
+import warnings
 
 import numpy as np
 import pytest
@@ -75,7 +76,8 @@ def test_fallback_to_prev(tmp_path):
     save_checkpoint({"n": 1}, p)
     save_checkpoint({"n": 2}, p)
     p.write_bytes(p.read_bytes()[:-3])
-    ck, used = load_latest(p)
+    with pytest.warns(UserWarning, match="unusable"):
+        ck, used = load_latest(p)
     assert ck["n"] == 1 and used.name == "ck.pt.prev"
     (tmp_path / "ck.pt.prev").write_bytes(b"")
     with pytest.raises(CheckpointError, match="truncated.*fallback.*empty"):
@@ -116,3 +118,24 @@ def test_rng_capture_restore(tmp_path):
     restore_rng(load_checkpoint(p)["rng"])
     b = (torch.rand(3), np.random.rand(3), random.random(), np.random.randn())
     assert torch.equal(a[0], b[0]) and np.array_equal(a[1], b[1]) and a[2:] == b[2:]
+
+
+def test_load_latest_fallback_is_never_silent(tmp_path):
+    from vaebm.training.checkpoint import CheckpointFallbackWarning
+
+    p = tmp_path / "ck.pt"
+    save_checkpoint({"kind": "ebm", "n": 1}, p)
+    save_checkpoint({"kind": "ebm", "n": 2}, p)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no warning while the newest file is fine
+        assert load_latest(p, kind="ebm")[0]["n"] == 2
+    data = bytearray(p.read_bytes())
+    data[-5] ^= 0xFF
+    p.write_bytes(bytes(data))
+    seen = []
+    with pytest.warns(CheckpointFallbackWarning) as w:
+        ck, used = load_latest(p, kind="ebm", on_fallback=seen.append)
+    assert ck["n"] == 1 and used == tmp_path / "ck.pt.prev"
+    msg = str(w[0].message)
+    assert seen == [msg]
+    assert f"checkpoint {p} is unusable (corrupt: SHA-256" in msg and f"{p}.prev" in msg

@@ -29,6 +29,7 @@ import io
 import os
 import random
 import struct
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -43,6 +44,10 @@ SAFE_GLOBALS: list = [argparse.Namespace]  # what NVAE's published checkpoints p
 class CheckpointError(RuntimeError):
     """A checkpoint file cannot be used: missing, truncated, corrupt, foreign or of the wrong
     kind. The message starts with the path."""
+
+
+class CheckpointFallbackWarning(UserWarning):
+    """:func:`load_latest` used ``<name>.prev`` because ``<name>`` was unusable."""
 
 
 # --------------------------------------------------------------------------- write
@@ -149,9 +154,11 @@ def load_checkpoint(path, *, map_location="cpu", kind: str | None = None,
     return obj
 
 
-def load_latest(path, **kwargs) -> tuple[dict, Path]:
+def load_latest(path, *, on_fallback=None, **kwargs) -> tuple[dict, Path]:
     """Load ``path``, falling back to ``path.prev`` when ``path`` is unusable. Returns the
-    checkpoint and the file it came from; raises with both reasons if neither loads."""
+    checkpoint and the file it came from; raises with both reasons if neither loads. A fallback
+    is never silent: a :class:`CheckpointFallbackWarning` names both files and the reason, and
+    ``on_fallback(message)`` (e.g. a run's event log) gets the same message."""
     path = Path(path)
     try:
         return load_checkpoint(path, **kwargs), path
@@ -160,9 +167,18 @@ def load_latest(path, **kwargs) -> tuple[dict, Path]:
         if not prev.exists():
             raise
         try:
-            return load_checkpoint(prev, **kwargs), prev
+            ck = load_checkpoint(prev, **kwargs)
         except CheckpointError as second:
             raise CheckpointError(f"{first}; and the fallback {second}") from None
+        reason = str(first)
+        if reason.startswith(f"{path}: "):
+            reason = reason[len(f"{path}: "):]
+        msg = (f"checkpoint {path} is unusable ({reason}); loaded the previous one, {prev}, "
+               "instead")
+        warnings.warn(msg, CheckpointFallbackWarning, stacklevel=2)
+        if on_fallback is not None:
+            on_fallback(msg)
+        return ck, prev
 
 
 # --------------------------------------------------------------------------- RNG

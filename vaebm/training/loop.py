@@ -140,9 +140,12 @@ class TrainLoop:
 
     def resume(self, path) -> None:
         """Load the newest readable of ``path`` / ``path.prev`` and continue from it."""
-        ck, used = load_latest(path, kind=self.kind)
+        notes: list = []  # a fallback to .prev, logged once the state is in place
+        ck, used = load_latest(path, kind=self.kind, on_fallback=notes.append)
         self.load_state_dict(ck)
         self._resume_extra(path)
+        for msg in notes:
+            self._event(msg)
         self._event(f"resumed from {used} at iteration {self.iteration}")
 
     # ------------------------------------------------------------------ hooks
