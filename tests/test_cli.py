@@ -285,3 +285,22 @@ def test_no_resume_refuses_to_overwrite_a_run_unless_forced(tmp_path, data_root,
         assert (backups[0] / name if name != "ebm.pt" else out / name).read_bytes() == data
     assert load_checkpoint(out / "vae.pt", kind="vae")["iteration"] == 1
     assert not (out / "vae.pt.prev").exists()  # a fresh run, not a continuation
+
+
+def test_resume_refuses_a_changed_config_unless_allowed(tmp_path, data_root, capsys):
+    out = tmp_path / "run"
+    argv = ["train-vae", "--data-root", str(data_root), "--preset", "tiny", "--set",
+            "eval_batches=1", "--set", "eval_iwae_k=1", "--out", str(out)]
+    assert main([*argv, "--dataset", "fashion_mnist", "--steps", "1"]) == 0
+    capsys.readouterr()
+    before = (out / "vae.pt").read_bytes()
+    msg = _error(capsys, [*argv, "--dataset", "fashion_mnist", "--steps", "2", "--set", "lr=3e-3",
+                          "--set", "seed=5"])
+    assert "lr 0.001 -> 0.003; seed 0 -> 5" in msg and "--allow-config-change" in msg
+    msg = _error(capsys, [*argv, "--dataset", "mnist", "--steps", "2"])
+    assert "dataset 'fashion_mnist' -> 'mnist'" in msg
+    assert (out / "vae.pt").read_bytes() == before
+    assert main([*argv, "--dataset", "fashion_mnist", "--steps", "2", "--set", "lr=3e-3",
+                 "--allow-config-change"]) == 0
+    assert load_checkpoint(out / "vae.pt", kind="vae")["iteration"] == 2
+    assert "config changed on resume (allowed): lr 0.001 -> 0.003" in (out / "events.log").read_text()

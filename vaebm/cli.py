@@ -191,7 +191,9 @@ def cmd_train_vae(args) -> int:
         print(f"vaebm train-vae: no test split ({e}); training without bits/dim evaluation")
         test = None
     vae = NVAE(args.model or model_preset)
-    hist = train_vae(vae, train, cfg, eval_data=test, resume=not args.no_resume and "auto")
+    hist = train_vae(vae, train, cfg, eval_data=test, resume=not args.no_resume and "auto",
+                     allow_config_change=args.allow_config_change,
+                     run_info={"dataset": args.dataset, "model": args.model or model_preset})
     ev = hist.get("eval") or []
     last = ev[-1] if ev else {}
     print(f"stage 1 at iteration {len(hist.get('loss', []))}; "
@@ -204,7 +206,7 @@ def cmd_train_ebm(args) -> int:
     from .data import get_dataset
     from .loading import load_vae
     from .models.energy import EnergyNet
-    from .training.ebm import train_ebm
+    from .training.ebm import EBMTrainer
 
     _check_train_args(args)
     _, _, ebm_preset = _defaults(args.dataset) if not args.preset else (None, None, args.preset)
@@ -215,7 +217,10 @@ def cmd_train_ebm(args) -> int:
     c, h = vae.image_shape[0], vae.image_shape[1]
     energy = EnergyNet(cfg.energy_preset, in_channels=c, resolution=h)
     data = get_dataset(args.dataset, root=args.data_root, split="train")
-    hist = train_ebm(vae, energy, data, cfg, resume=not args.no_resume and "auto")
+    # train_ebm(vae, energy, data, cfg) is this; the trainer's run takes the resume checks
+    hist = EBMTrainer(vae, energy, data, cfg).run(
+        resume=not args.no_resume and "auto", allow_config_change=args.allow_config_change,
+        run_info={"dataset": args.dataset})
     n = len(hist.get("loss", []))
     tail = hist.get("loss", [])[-50:]
     print(f"stage 2 at iteration {n}"
@@ -416,6 +421,9 @@ def _train_args(p, kind: str):
                    help="start over; refused when --out holds a run, unless --force is given")
     p.add_argument("--force", action="store_true", help="with --no-resume: move the files of the "
                    "run in --out to <out>.bak-<timestamp> first (nothing is deleted)")
+    p.add_argument("--allow-config-change", action="store_true",
+                   help="resume even if lr, batch size, seed, model or dataset differ from the "
+                        "run's (each change is logged in events.log)")
     p.add_argument("--progress", action="store_true", help="progress bar (needs tqdm)")
 
 

@@ -25,7 +25,9 @@ list per logged stat (plus an optional ``"eval"`` list, not a stat).
 
 from __future__ import annotations
 
+import dataclasses
 import errno
+import json
 import os
 import warnings
 from pathlib import Path
@@ -36,10 +38,39 @@ from . import distributed as D
 from .checkpoint import load_latest, to_cpu
 from .logging import TrainLogger
 
-__all__ = ["TrainLoop", "RunLock", "RunLocked"]
+__all__ = ["TrainLoop", "RunLock", "RunLocked", "ConfigMismatch", "GUARDED_FIELDS"]
 
 _NOT_STATS = ("iteration", "events", "eval")  # history lists that are not per-iteration stats
 LOCK_NAME = ".lock"
+RUN_INFO_NAME = "run.json"
+# config fields that define a run: resuming with other values mixes two runs, so it is refused
+# unless allowed (the model and the run_info entries, e.g. the data set, likewise); the others
+# (steps, logging, ...) may change, and each change is logged
+GUARDED_FIELDS = ("lr", "batch_size", "seed", "energy_preset")
+_UNLOGGED = ("out_dir", "progress", "tensorboard", "device")
+
+
+class ConfigMismatch(ValueError):
+    """The run being resumed was trained with other values of fields that define it."""
+
+
+def _plain(v):
+    """Comparable plain form: dataclasses to dicts, tuples to lists, tensors to lists."""
+    if dataclasses.is_dataclass(v) and not isinstance(v, type):
+        v = dataclasses.asdict(v)
+    if isinstance(v, dict):
+        return {k: _plain(x) for k, x in v.items()}
+    if isinstance(v, (list, tuple)):
+        return [_plain(x) for x in v]
+    if isinstance(v, torch.Tensor):
+        return v.tolist()
+    return v
+
+
+def _diff_dicts(old: dict, new: dict, limit: int = 4) -> str:
+    keys = [k for k in sorted(set(old) | set(new), key=str) if old.get(k) != new.get(k)]
+    words = [f"{k} {old.get(k)!r} -> {new.get(k)!r}" for k in keys[:limit]]
+    return ", ".join(words) + (f", ... ({len(keys)} fields)" if len(keys) > limit else "")
 
 
 class RunLocked(RuntimeError):
@@ -138,11 +169,74 @@ class TrainLoop:
     def ckpt_path(self) -> Path | None:
         return self.out_dir / self.ckpt_name if self.out_dir else None
 
-    def resume(self, path) -> None:
-        """Load the newest readable of ``path`` / ``path.prev`` and continue from it."""
+    def _model_configs(self, ck: dict) -> list:
+        """(what, stored, now) for the model descriptions a checkpoint holds."""
+        if self.kind == "vae" and hasattr(self, "vae"):
+            return [("model class", ck.get("vae_class"), type(self.vae).__name__),
+                    ("model", ck.get("vae_config"), getattr(self.vae, "config", None))]
+        if self.kind == "ebm" and hasattr(self, "energy"):
+            return [("energy model", ck.get("energy_config"), getattr(self.energy, "config", None))]
+        return []
+
+    def _read_run_info(self) -> dict:
+        p = self.out_dir / RUN_INFO_NAME if self.out_dir is not None else None
+        if p is None or not p.exists():
+            return {}
+        try:
+            info = json.loads(p.read_text())
+        except (OSError, ValueError):
+            return {}
+        return info if isinstance(info, dict) else {}
+
+    def _write_run_info(self, info: dict) -> None:
+        if self.out_dir is None or self.rank != 0 or not info:
+            return
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        tmp = self.out_dir / f".{RUN_INFO_NAME}.tmp-{os.getpid()}"
+        tmp.write_text(json.dumps(info, indent=1, sort_keys=True, default=str) + "\n")
+        os.replace(tmp, self.out_dir / RUN_INFO_NAME)
+
+    def _config_changes(self, ck: dict, run_info: dict | None) -> tuple[list, list]:
+        """(refused, free): descriptions of the differences between the stored run and the
+        requested one, those that define the run first."""
+        from .config import to_dict
+        refused, free = [], []
+        stored, now = _plain(ck.get("config") or {}), _plain(to_dict(self.cfg))
+        for k, v in now.items():
+            if k in stored and stored[k] != v and k not in _UNLOGGED:
+                (refused if k in GUARDED_FIELDS else free).append(f"{k} {stored[k]!r} -> {v!r}")
+        for what, old, new in self._model_configs(ck):
+            old, new = _plain(old), _plain(new)
+            if old is not None and old != new:
+                both = isinstance(old, dict) and isinstance(new, dict)
+                refused.append(f"{what} ({_diff_dicts(old, new)})" if both
+                               else f"{what} {old!r} -> {new!r}")
+        info = self._read_run_info()
+        for k, v in (run_info or {}).items():
+            if k in info and _plain(info[k]) != _plain(v):
+                refused.append(f"{k} {info[k]!r} -> {v!r}")
+        return refused, free
+
+    def resume(self, path, *, allow_config_change: bool = False, run_info: dict | None = None
+               ) -> None:
+        """Load the newest readable of ``path`` / ``path.prev`` and continue from it. A requested
+        config that differs from the stored one in :data:`GUARDED_FIELDS`, the model or
+        ``run_info`` (checked against ``<out_dir>/run.json``) raises :class:`ConfigMismatch`
+        unless ``allow_config_change``; every change that goes ahead is logged as an event."""
         notes: list = []  # a fallback to .prev, logged once the state is in place
         ck, used = load_latest(path, kind=self.kind, on_fallback=notes.append)
+        refused, free = self._config_changes(ck, run_info)
+        if refused and not allow_config_change:
+            raise ConfigMismatch(
+                f"{used} was trained with other settings than requested: {'; '.join(refused)}; "
+                "resuming would mix two runs. Pass --allow-config-change "
+                "(run(allow_config_change=True)) to continue with the new values, or train "
+                "into another folder")
         self.load_state_dict(ck)
+        for what in refused:
+            notes.append(f"config changed on resume (allowed): {what}")
+        for what in free:
+            notes.append(f"config changed on resume: {what}")
         self._resume_extra(path)
         for msg in notes:
             self._event(msg)
@@ -214,30 +308,37 @@ class TrainLoop:
         return gen(it)
 
     # ------------------------------------------------------------------ loop
-    def run(self, resume="auto") -> dict:
+    def run(self, resume="auto", *, allow_config_change: bool = False,
+            run_info: dict | None = None) -> dict:
         """Train until ``self.total`` iterations; returns the history dict. ``resume``: "auto"
         (continue from ``out_dir/<ckpt_name>`` or its ``.prev`` when one exists), False, or a
         path. The run folder is locked (:class:`RunLock`) from start to end: a second trainer
-        on it fails at once with :class:`RunLocked`."""
+        on it fails at once with :class:`RunLocked`. ``run_info`` (e.g. ``{"dataset": name}``)
+        is kept in ``<out_dir>/run.json`` and checked on resume like the config (see
+        :meth:`resume`; ``allow_config_change`` lets the differences through, logged)."""
         lock = None
         if self.out_dir is not None and self.rank == 0:  # rank 0 holds it for all ranks
             lock = RunLock(self.out_dir).acquire()
         try:
-            return self._run(resume)
+            return self._run(resume, allow_config_change, run_info)
         finally:
             if lock is not None:
                 lock.release()
 
-    def _run(self, resume) -> dict:
+    def _run(self, resume, allow_config_change=False, run_info=None) -> dict:
         cfg = self.cfg
         if resume == "auto":
             p = self.ckpt_path
             found = p is not None and (p.exists() or Path(str(p) + ".prev").exists())
             resume = p if found else None
         if resume:
-            self.resume(resume)
+            self.resume(resume, allow_config_change=allow_config_change, run_info=run_info)
+            if run_info:
+                self._write_run_info({**self._read_run_info(), **run_info})
         else:
             torch.manual_seed(cfg.seed)
+            if run_info:
+                self._write_run_info(dict(run_info))
         self.logger = TrainLogger(self.out_dir, self.kind, start=self.iteration,
                                   tensorboard=cfg.tensorboard, progress=cfg.progress,
                                   total=self.total, enabled=self.rank == 0)

@@ -324,10 +324,13 @@ def load_vae_weights(vae, path, *, map_location="cpu", strict: bool = True):
 
 
 def train_vae(vae, data, cfg: VAEConfig | None = None, *, eval_data=None, resume="auto",
-              callback=None, device=None, **overrides) -> dict:
+              callback=None, device=None, allow_config_change: bool = False,
+              run_info: dict | None = None, **overrides) -> dict:
     """Train ``vae`` (the :class:`~vaebm.models.eps_space.StageOneVAE` contract) on ``data``;
     returns the history dict (per iteration: loss, nelbo, recon, kl, kl_coeff, wdn, spectral,
-    bn, grad_norm, lr, seconds; ``eval``: bits/dim results; ``events``)."""
+    bn, grad_norm, lr, seconds; ``eval``: bits/dim results; ``events``). On resume, a stored
+    run with other lr / batch size / seed / model / ``run_info`` is refused unless
+    ``allow_config_change`` (see :meth:`~.loop.TrainLoop.resume`)."""
     from .config import vae_config
     if cfg is None:
         cfg = vae_config(**overrides)
@@ -336,4 +339,5 @@ def train_vae(vae, data, cfg: VAEConfig | None = None, *, eval_data=None, resume
         cfg = dataclasses.replace(cfg, **overrides)
         validate(cfg)
     return VAETrainer(vae, data, cfg, eval_data=eval_data, callback=callback,
-                      device=device).run(resume=resume)
+                      device=device).run(resume=resume, allow_config_change=allow_config_change,
+                                         run_info=run_info)
