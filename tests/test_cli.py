@@ -304,3 +304,24 @@ def test_resume_refuses_a_changed_config_unless_allowed(tmp_path, data_root, cap
                  "--allow-config-change"]) == 0
     assert load_checkpoint(out / "vae.pt", kind="vae")["iteration"] == 2
     assert "config changed on resume (allowed): lr 0.001 -> 0.003" in (out / "events.log").read_text()
+
+
+def test_identical_commands_start_from_the_same_weights(tmp_path, data_root, monkeypatch):
+    """The models are built after seeding: two identical commands log the same first loss."""
+    # F.conv2d throughout: under "auto" the first call of each conv shape in a process times the
+    # fast path against F.conv2d on torch.randn inputs (the global generator) and may pick either
+    monkeypatch.setenv("VAEBM_CPU_CONV", "torch")
+    def first_loss(csv):
+        header, row = csv.read_text().splitlines()[:2]
+        return float(row.split(",")[header.split(",").index("loss")])
+
+    common = ["--dataset", "fashion_mnist", "--data-root", str(data_root), "--preset", "tiny",
+              "--steps", "1"]
+    vae = ["train-vae", *common, "--set", "eval_batches=1", "--set", "eval_iwae_k=1"]
+    for run in ("a", "b"):
+        assert main([*vae, "--out", str(tmp_path / f"vae_{run}")]) == 0
+    assert first_loss(tmp_path / "vae_a" / "vae.csv") == first_loss(tmp_path / "vae_b" / "vae.csv")
+    ebm = ["train-ebm", *common, "--vae", str(tmp_path / "vae_a"), "--set", "ld_steps=1"]
+    for run in ("a", "b"):
+        assert main([*ebm, "--out", str(tmp_path / f"ebm_{run}")]) == 0
+    assert first_loss(tmp_path / "ebm_a" / "ebm.csv") == first_loss(tmp_path / "ebm_b" / "ebm.csv")

