@@ -70,23 +70,43 @@ def _trajectory(hist: dict) -> dict:
             "e_pos_every10": ep[::10].round(3).tolist(), "e_neg_every10": en[::10].round(3).tolist()}
 
 
+def _csv_history(path: Path) -> dict:
+    """The iterations a run logged before it stopped (ebm.csv)."""
+    import csv
+    if not path.exists():
+        return {}
+    with open(path) as f:
+        rows = list(csv.DictReader(f))
+    return {k: [float(r[k]) for r in rows] for k in ("e_pos", "e_neg")}
+
+
 def run_variant(name, over, a, vae, data, ref_feats, extractor, log):
     from vaebm.models.energy import EnergyNet
     from vaebm.sampling.generate import vaebm_sample
-    from vaebm.training import ebm_config, train_ebm
+    from vaebm.training import TrainingDiverged, ebm_config, train_ebm
 
     out = Path(a.out) / name
+    # max_failures=0: the first divergence ends the variant (recorded), no rollback retries
     cfg = ebm_config("fashion_mnist", **{"steps": a.iters, "batch_size": a.batch,
                                          "seed": a.seed, "out_dir": str(out), "ckpt_every": 50,
-                                         "tensorboard": False, **over})
+                                         "tensorboard": False, "max_failures": 0, **over})
     torch.manual_seed(a.seed)
     energy = EnergyNet(cfg.energy_preset)
     t0 = time.perf_counter()
-    hist = train_ebm(vae, energy, data, cfg)
+    try:
+        hist, diverged = train_ebm(vae, energy, data, cfg), None
+    except TrainingDiverged as e:
+        hist, diverged = _csv_history(out / "ebm.csv"), str(e)
     t_train = time.perf_counter() - t0
     energy.eval()
     events = (out / "events.log").read_text() if (out / "events.log").exists() else ""
-    rollbacks = sum("roll" in line.lower() for line in events.splitlines())
+    rollbacks = sum("divergence" in line.lower() for line in events.splitlines())
+    if diverged is not None:
+        row = {"variant": name, "overrides": over, "train_s": round(t_train, 1),
+               "rollbacks": rollbacks, "events": events, "diverged": diverged,
+               **_trajectory(hist)}
+        log(f"[study] {name}: diverged ({diverged})")
+        return row
     neg = cfg.chain_negative or "sample"
     t0 = time.perf_counter()
     zero = lambda x: x.flatten(1).sum(1) * 0.0  # noqa: E731
@@ -171,7 +191,7 @@ def main(argv=None):
         results[name] = run_variant(name, VARIANTS[name], a, vae, data, ref_feats, extractor,
                                     print)
         path.write_text(json.dumps(results, indent=1))
-    cols = ["variant", "iters", "rollbacks", "gap_last10pct", "max_abs_e", "fid_vae",
+    cols = ["variant", "iters", "rollbacks", "diverged", "gap_last10pct", "max_abs_e", "fid_vae",
             "fid_vaebm", "fid_ratio", "moved_rms", "train_s"]
     print("| " + " | ".join(cols) + " |\n|" + "---|" * len(cols))
     for r in results.values():

@@ -122,7 +122,10 @@ def _time_pair(fast, plain, x: Tensor, need_grad: bool, reps: int = 5, wrt: tupl
     """Median milliseconds of ``fast(x)`` and ``plain(x)`` (with the gradients for a random
     input of the input and of the tensors ``wrt`` when ``need_grad``), interleaved so that
     machine noise hits both alike."""
-    xx = torch.randn(x.shape, dtype=x.dtype).contiguous(memory_format=_format(x))
+    # a private generator: timing must not advance the global RNG a training run is seeded by
+    g = torch.Generator().manual_seed(0)
+    xx = torch.randn(x.shape, generator=g, dtype=torch.float32).to(x.dtype).contiguous(
+        memory_format=_format(x))
 
     def run(f):
         def go():
