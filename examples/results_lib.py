@@ -78,7 +78,9 @@ def load_run(run):
         "vae_iteration": info.get("iteration"), "ebm_iteration": ck.get("iteration"),
         "steps": int(conf.get("test_ld_steps", 16)),
         "step_size": float(conf.get("ld_step_size", 8e-5)),
-        "mode": conf.get("energy_mode", "paper")}
+        "mode": conf.get("energy_mode", "paper"),
+        # E sees in sampling what it saw in its training chains
+        "negative": conf.get("chain_negative") or "sample"}
 
 
 def draw(vae, energy, n, s, *, batch, seed):
@@ -88,7 +90,8 @@ def draw(vae, energy, n, s, *, batch, seed):
 
     t0 = time.time()
     r = vaebm_sample(vae, energy, n, steps=s["steps"], step_size=s["step_size"],
-                     batch=min(batch, n), mode=s["mode"], seed=seed)
+                     batch=min(batch, n), mode=s["mode"], negative=s.get("negative", "sample"),
+                     seed=seed)
     # decode_eps's x_mean is not clamped (NVAE's Gaussian mean can leave [0, 1] slightly, e.g.
     # -0.016), and vaebm.eval refuses float images outside [0, 1]: clamp as NVAE.sample does
     return r["initial"].clamp(0, 1), r["samples"].clamp(0, 1), time.time() - t0
