@@ -39,6 +39,23 @@ def test_matches_reference_fp32(fmt, bias, shape, one_thread):
     torch.testing.assert_close(gx.double(), gx_ref, rtol=1e-5, atol=1e-5)
 
 
+def _tiny_decoder_grads():
+    """A seeded tiny NVAE and a function giving the eps-gradients of log p(z) + log p(x|z) +
+    sum(x_mean) at fixed eps (frozen or not, whatever the model is when it is called)."""
+    from vaebm.models.nvae import NVAE
+
+    torch.manual_seed(0)
+    vae = NVAE("tiny").eval()
+    eps = [torch.randn(s) for s in vae.eps_shapes(2)]
+
+    def grads():
+        xs = [e.clone().requires_grad_(True) for e in eps]
+        out = vae.decode_eps(xs, with_log_prob=True)
+        return torch.autograd.grad((out.log_p_z + out.log_p_x + out.x_mean.sum()).sum(), xs)
+
+    return vae, grads
+
+
 @pytest.fixture
 def kernels_forced(monkeypatch):
     """Take the fast paths wherever they apply (no timing), as the profiler tests need."""
@@ -148,14 +165,7 @@ def test_frozen_decoder_auto_choice_matches_reference(monkeypatch, one_thread):
 
     monkeypatch.setattr(conv, "_CHOICE", {})
     monkeypatch.delenv("VAEBM_CPU_CONV", raising=False)
-    torch.manual_seed(0)
-    vae = NVAE("tiny").eval()
-    eps = [torch.randn(s) for s in vae.eps_shapes(2)]
-
-    def grads():
-        xs = [e.clone().requires_grad_(True) for e in eps]
-        out = vae.decode_eps(xs, with_log_prob=True)
-        return torch.autograd.grad((out.log_p_z + out.log_p_x + out.x_mean.sum()).sum(), xs)
+    vae, grads = _tiny_decoder_grads()
 
     ref = grads()
     vae.freeze()
@@ -201,14 +211,7 @@ def test_frozen_nvae_decoder_uses_onednn_for_1x1(one_thread, kernels_forced):
     kernel; frozen, none of them may go there, and the eps-gradient is unchanged."""
     from vaebm.models.nvae import NVAE
 
-    torch.manual_seed(0)
-    vae = NVAE("tiny").eval()
-    eps = [torch.randn(s) for s in vae.eps_shapes(2)]
-
-    def grads():
-        xs = [e.clone().requires_grad_(True) for e in eps]
-        out = vae.decode_eps(xs, with_log_prob=True)
-        return torch.autograd.grad((out.log_p_z + out.log_p_x + out.x_mean.sum()).sum(), xs)
+    vae, grads = _tiny_decoder_grads()
 
     ref = grads()
     vae.freeze()
