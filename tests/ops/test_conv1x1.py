@@ -161,8 +161,6 @@ def test_prefer_picks_the_measured_faster_path(monkeypatch):
 def test_frozen_decoder_auto_choice_matches_reference(monkeypatch, one_thread):
     """Under the default (measured) choice the frozen decoder's eps-gradient equals the
     unfrozen one whichever paths were chosen, and every served conv got a decision."""
-    from vaebm.models.nvae import NVAE
-
     monkeypatch.setattr(conv, "_CHOICE", {})
     monkeypatch.delenv("VAEBM_CPU_CONV", raising=False)
     vae, grads = _tiny_decoder_grads()
@@ -209,10 +207,7 @@ def test_supported_and_errors():
 def test_frozen_nvae_decoder_uses_onednn_for_1x1(one_thread, kernels_forced):
     """With one thread and a small batch PyTorch would run the decoder's 1x1 convs on its im2col
     kernel; frozen, none of them may go there, and the eps-gradient is unchanged."""
-    from vaebm.models.nvae import NVAE
-
     vae, grads = _tiny_decoder_grads()
-
     ref = grads()
     vae.freeze()
     with torch.profiler.profile() as prof:
