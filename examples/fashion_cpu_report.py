@@ -60,6 +60,9 @@ def measure(a) -> dict:
     res = {"name": a.name, "vae": str(a.vae), "ebm": str(a.ebm), "settings": s,
            "ebm_config": conf, "vae_iteration": vinfo.get("iteration"),
            "ebm_iteration": ck.get("iteration"), "provenance": provenance(sys.argv)}
+    # provenance() names the results page's script; this measurement is this script's
+    res["provenance"]["command"] = "python examples/fashion_cpu_report.py " + " ".join(
+        sys.argv[1:])
     log = lambda m: print(f"[report {a.name}] {m}", flush=True)  # noqa: E731
 
     # samples: the same starting noise for both
