@@ -118,10 +118,9 @@ def _median_ms(fn, reps: int) -> float:
     return 1e3 * ts[len(ts) // 2]
 
 
-def _time_pair(fast, plain, x: Tensor, need_grad: bool, reps: int = 5, wrt: tuple = ()):
-    """Median milliseconds of ``fast(x)`` and ``plain(x)`` (with the gradients for a random
-    input of the input and of the tensors ``wrt`` when ``need_grad``), interleaved so that
-    machine noise hits both alike."""
+def _time_pair(fast, plain, x: Tensor, need_grad: bool, reps: int = 5):
+    """Median milliseconds of ``fast(x)`` and ``plain(x)`` (with the input gradient of a random
+    cotangent when ``need_grad``), interleaved so that machine noise hits both alike."""
     # a private generator: timing must not advance the global RNG a training run is seeded by
     g = torch.Generator().manual_seed(0)
     xx = torch.randn(x.shape, generator=g, dtype=torch.float32).to(x.dtype).contiguous(
@@ -133,7 +132,7 @@ def _time_pair(fast, plain, x: Tensor, need_grad: bool, reps: int = 5, wrt: tupl
                 with torch.enable_grad():
                     xi = xx.detach().requires_grad_(True)
                     y = f(xi)
-                    torch.autograd.grad(y, (xi, *wrt), torch.ones_like(y))
+                    torch.autograd.grad(y, xi, torch.ones_like(y))
             else:
                 with torch.no_grad():
                     f(xx)
@@ -149,24 +148,23 @@ def _time_pair(fast, plain, x: Tensor, need_grad: bool, reps: int = 5, wrt: tupl
     return ta[reps // 2], tb[reps // 2]
 
 
-def prefer(kind: str, x: Tensor, fast, plain, sig: tuple = (), wrt: tuple = ()) -> bool:
+def prefer(kind: str, x: Tensor, fast, plain, sig: tuple = ()) -> bool:
     """Whether to take the fast path ``fast`` (a function of x) over ``plain`` (``F.conv2d``
     with the same arguments) for this call. Under ``VAEBM_CPU_CONV=auto`` the two are timed on
     the first call of each (kind, shapes, dtype, layout, autocast, threads, gradient) and the
     answer is cached for the process; ties go to the plain path. ``sig`` adds what else tells
-    calls apart (the weight's shape, the padding); ``wrt``: parameters whose gradients the
-    timing includes (training)."""
+    calls apart (the weight's shape, the padding)."""
     pol = policy()
     if pol != "auto":
         return pol == "kernel"
     if torch.compiler.is_compiling():
         return False
-    need_grad = (x.requires_grad or bool(wrt)) and torch.is_grad_enabled()
+    need_grad = x.requires_grad and torch.is_grad_enabled()
     ac = torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else None
     key = (kind, tuple(x.shape), sig, x.dtype, _format(x), ac, torch.get_num_threads(), need_grad)
     hit = _CHOICE.get(key)
     if hit is None:
-        t_fast, t_plain = _time_pair(fast, plain, x, need_grad, wrt=wrt if need_grad else ())
+        t_fast, t_plain = _time_pair(fast, plain, x, need_grad)
         hit = _CHOICE[key] = t_fast < _MARGIN * t_plain
         log.debug("vaebm.ops.conv: %s %s: kernel %.3f ms, F.conv2d %.3f ms -> %s", kind,
                   tuple(x.shape), t_fast, t_plain, "kernel" if hit else "F.conv2d")
