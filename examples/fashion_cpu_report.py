@@ -21,7 +21,6 @@ log h(x) = log p(x) - E(x), the energies of data and samples, the stage-2 trajec
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import sys
 import time
@@ -31,12 +30,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from results_lib import _scores, provenance, subset  # noqa: E402
-
-
-def _csv(path: Path) -> list[dict]:
-    with open(path) as f:
-        return list(csv.DictReader(f))
+from results_lib import _scores, provenance, read_csv, sampling_settings, subset  # noqa: E402
 
 
 def measure(a) -> dict:
@@ -53,10 +47,7 @@ def measure(a) -> dict:
     energy, ck = load_ebm(a.ebm)
     vae.eval(), energy.eval()
     conf = ck.get("config") or {}
-    s = {"steps": int(conf.get("test_ld_steps", 16)),
-         "step_size": float(conf.get("ld_step_size", 8e-5)),
-         "mode": conf.get("energy_mode", "paper"),
-         "negative": conf.get("chain_negative") or "sample"}
+    s = sampling_settings(conf)
     res = {"name": a.name, "vae": str(a.vae), "ebm": str(a.ebm), "settings": s,
            "ebm_config": conf, "vae_iteration": vinfo.get("iteration"),
            "ebm_iteration": ck.get("iteration"), "provenance": provenance(sys.argv)}
@@ -132,7 +123,7 @@ def measure(a) -> dict:
 
     # the runs themselves
     ebm_dir, vae_dir = Path(a.ebm), Path(a.vae)
-    rows = _csv(ebm_dir / "ebm.csv")
+    rows = read_csv(ebm_dir / "ebm.csv")
     ep = np.array([float(x["e_pos"]) for x in rows])
     en = np.array([float(x["e_neg"]) for x in rows])
     res["stage2"] = {"iterations": len(rows), "seconds": float(sum(float(x["seconds"])
@@ -142,7 +133,7 @@ def measure(a) -> dict:
                      "max_abs_e": float(np.abs(np.concatenate([ep, en])).max()),
                      "events": (ebm_dir / "events.log").read_text()
                      if (ebm_dir / "events.log").exists() else ""}
-    vrows = _csv(vae_dir / "vae.csv")
+    vrows = read_csv(vae_dir / "vae.csv")
     nelbo = np.array([float(x["nelbo"]) for x in vrows])
     w = max(1, len(nelbo) // 10)
     res["stage1"] = {"iterations": len(vrows),

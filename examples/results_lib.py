@@ -73,14 +73,18 @@ def load_run(run):
 
     vae, info = load_vae(Path(run) / "vae")
     energy, ck = load_ebm(Path(run) / "ebm")
-    conf = ck.get("config") or {}
     return vae.eval(), energy.eval(), {
         "vae_iteration": info.get("iteration"), "ebm_iteration": ck.get("iteration"),
-        "steps": int(conf.get("test_ld_steps", 16)),
-        "step_size": float(conf.get("ld_step_size", 8e-5)),
-        "mode": conf.get("energy_mode", "paper"),
-        # E sees in sampling what it saw in its training chains
-        "negative": conf.get("chain_negative") or "sample"}
+        **sampling_settings(ck.get("config") or {})}
+
+
+def sampling_settings(conf: dict) -> dict:
+    """Test-time chain settings of a stage-2 run from its stored config: steps, step size,
+    energy mode, and what E sees (in sampling what it saw in its training chains)."""
+    return {"steps": int(conf.get("test_ld_steps", 16)),
+            "step_size": float(conf.get("ld_step_size", 8e-5)),
+            "mode": conf.get("energy_mode", "paper"),
+            "negative": conf.get("chain_negative") or "sample"}
 
 
 def draw(vae, energy, n, s, *, batch, seed):

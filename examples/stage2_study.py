@@ -18,12 +18,15 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
+import sys
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from results_lib import read_csv  # noqa: E402
 
 # The rows: EBMConfig overrides on top of the `fashion_mnist` stage-2 preset.
 VARIANTS: dict[str, dict] = {
@@ -78,11 +81,9 @@ def _trajectory(hist: dict) -> dict:
 
 def _csv_history(path: Path) -> dict:
     """The iterations a run logged before it stopped (ebm.csv)."""
-    import csv
     if not path.exists():
         return {}
-    with open(path) as f:
-        rows = list(csv.DictReader(f))
+    rows = read_csv(path)
     return {k: [float(r[k]) for r in rows] for k in ("e_pos", "e_neg")}
 
 

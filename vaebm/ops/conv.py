@@ -241,14 +241,13 @@ def depthwise_ref(x: Tensor, weight: Tensor, bias: Tensor | None, padding: int) 
     return F.conv2d(x, weight, bias, 1, padding, 1, x.shape[1])
 
 
-def depthwise_supported(x: Tensor, weight: Tensor, stride=(1, 1), padding=(0, 0),
-                        dilation=(1, 1), groups: int = 1) -> bool:
-    """True when :func:`depthwise` serves the call: float32 CPU tensors without autocast, an
-    NCHW-contiguous input, a frozen (C, 1, K, K) weight with groups = C, square odd K, stride 1,
-    no dilation, equal paddings below K. The C++ kernel is built on first use."""
+def _depthwise_call_ok(x: Tensor, weight: Tensor, stride, padding, dilation, groups) -> bool:
+    """float32 CPU tensors without autocast, an NCHW-contiguous 4-D input, a (C, 1, K, K)
+    weight with groups = C, square odd K, stride 1, no dilation, equal paddings below K, and
+    the C++ kernel wanted and built (what both depthwise paths need)."""
     if x.device.type != "cpu" or x.dtype != torch.float32 or x.dim() != 4:
         return False
-    if torch.is_autocast_enabled("cpu") or weight.requires_grad or not x.is_contiguous():
+    if torch.is_autocast_enabled("cpu") or not x.is_contiguous():
         return False
     C, K = x.shape[1], weight.shape[-1]
     if groups != C or tuple(weight.shape) != (C, 1, K, K) or weight.dtype != torch.float32:
@@ -257,6 +256,15 @@ def depthwise_supported(x: Tensor, weight: Tensor, stride=(1, 1), padding=(0, 0)
     if tuple(stride) != (1, 1) or tuple(dilation) != (1, 1) or p[0] != p[1] or p[0] >= K:
         return False
     return K % 2 == 1 and _kernel_ok()
+
+
+def depthwise_supported(x: Tensor, weight: Tensor, stride=(1, 1), padding=(0, 0),
+                        dilation=(1, 1), groups: int = 1) -> bool:
+    """True when :func:`depthwise` serves the call: float32 CPU tensors without autocast, an
+    NCHW-contiguous input, a frozen (C, 1, K, K) weight with groups = C, square odd K, stride 1,
+    no dilation, equal paddings below K. The C++ kernel is built on first use."""
+    return (not weight.requires_grad
+            and _depthwise_call_ok(x, weight, stride, padding, dilation, groups))
 
 
 _KERNEL: list = []  # [True/False] once the C++ extension was tried
@@ -326,19 +334,8 @@ def depthwise_train_supported(x: Tensor, weight: Tensor, bias: Tensor | None, st
                               padding=(0, 0), dilation=(1, 1), groups: int = 1) -> bool:
     """True when :func:`depthwise_train` serves the call: as :func:`depthwise_supported` but
     for a weight that needs its gradient (stage-1 training), no bias, K <= 15."""
-    if bias is not None or weight.shape[-1] > 15 or x.device.type != "cpu":
-        return False
-    if x.dtype != torch.float32 or weight.dtype != torch.float32 or x.dim() != 4:
-        return False
-    if torch.is_autocast_enabled("cpu") or not x.is_contiguous():
-        return False
-    C, K = x.shape[1], weight.shape[-1]
-    if groups != C or tuple(weight.shape) != (C, 1, K, K) or K % 2 == 0:
-        return False
-    p = tuple(padding) if not isinstance(padding, int) else (padding, padding)
-    if tuple(stride) != (1, 1) or tuple(dilation) != (1, 1) or p[0] != p[1] or p[0] >= K:
-        return False
-    return _kernel_ok()
+    return (bias is None and weight.shape[-1] <= 15
+            and _depthwise_call_ok(x, weight, stride, padding, dilation, groups))
 
 
 class _DepthwiseTrain(torch.autograd.Function):
