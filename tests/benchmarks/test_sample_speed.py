@@ -123,3 +123,15 @@ def test_scaling_quick(tmp_path):
     for sw in ("batch", "steps", "resolution"):
         png = tmp_path / f"scaling_{sw}-quick-{dev}.png"
         assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_summary_marks_ratios_built_on_extrapolated_rows():
+    rows = [{"model": "VAEBM", "mode": m, "seconds": s, "extrapolated": False}
+            for m, s in (("published", 20.0), ("optimised", 10.0))]
+    rows += [{"model": "NCSN v1", "mode": "published", "seconds": 200.0, "extrapolated": True},
+             {"model": "NCSN v1", "mode": "eager", "seconds": 190.0, "extrapolated": False}]
+    lines = ss.summary(rows)
+    by = {ln.split(":")[0]: ln for ln in lines}
+    assert "[extrapolated: NCSN v1 published" in by["NCSN v1 published / VAEBM published"]
+    assert "extrapolated" not in by["NCSN v1 eager / VAEBM optimised"]
+    assert "extrapolated" not in by["VAEBM published / optimised"]

@@ -339,12 +339,17 @@ def test_real_inception_matches_torchscript():
     ReLU outputs)."""
     net = I.load_inception(cache=False)
     ts = torch.jit.load(str(I.packaged_weights()), map_location="cpu")
-    x = torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
-    with torch.no_grad():
-        a = net(x)
-        b = ts(I.FIDInception.preprocess(x))
-    assert a.shape == (2, 2048) and (a >= 0).all()
-    assert (a - b).abs().max().item() < 1e-4 * max(1.0, b.abs().max().item())
+    for seed in range(3):
+        x = torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(seed))
+        with torch.no_grad():
+            a, ref = net(x), net.pool3_reference(x)
+            b = ts(I.FIDInception.preprocess(x))
+        assert a.shape == (2, 2048) and (a >= 0).all()
+        scale = max(1.0, b.abs().max().item())  # features up to ~5
+        # the README's figures: module by module 1e-6 (measured 7e-7 - 1e-6), the inference
+        # path (BatchNorm folded, channels_last) 1e-5 (measured 4e-6 - 6e-6)
+        assert (ref - b).abs().max().item() <= 2e-6 * scale
+        assert (a - b).abs().max().item() <= 1e-5 * scale
     assert not net.has_logits
     with pytest.raises(I.InceptionWeightsError, match="logits"):
         F.compute_inception_score(x, network=net, splits=1)
