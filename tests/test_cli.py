@@ -325,3 +325,235 @@ def test_identical_commands_start_from_the_same_weights(tmp_path, data_root, mon
     for run in ("a", "b"):
         assert main([*ebm, "--out", str(tmp_path / f"ebm_{run}")]) == 0
     assert first_loss(tmp_path / "ebm_a" / "ebm.csv") == first_loss(tmp_path / "ebm_b" / "ebm.csv")
+
+
+# --- a CLI that talks: progress, --quiet, build messages, hints, eval's exit status -----------
+
+def test_quiet_is_accepted_before_or_after_the_command_and_only_for_that_call(monkeypatch):
+    import vaebm.cli as cli
+    from vaebm import _progress
+
+    monkeypatch.delenv("VAEBM_QUIET", raising=False)
+    seen = []
+    monkeypatch.setattr(cli, "cmd_backends", lambda args: seen.append(_progress.quiet()))
+    for argv, quiet in ((["backends"], False), (["--quiet", "backends"], True),
+                        (["backends", "--quiet"], True)):
+        assert main(argv) == 0
+        assert seen.pop() is quiet, argv
+        assert not _progress.quiet()  # restored after the command
+    monkeypatch.setenv("VAEBM_QUIET", "1")  # the library's switch without the CLI
+    assert _progress.quiet()
+
+
+def test_progress_lines_without_tqdm(monkeypatch, capsys):
+    """No tqdm (or no terminal): one plain line per interval on stderr with count, rate, ETA
+    and the values given; a summary line at the end; nothing when quiet."""
+    import sys
+
+    from vaebm import _progress
+
+    monkeypatch.setitem(sys.modules, "tqdm", None)
+    monkeypatch.setitem(sys.modules, "tqdm.auto", None)
+    monkeypatch.delenv("VAEBM_QUIET", raising=False)
+    monkeypatch.setenv("VAEBM_PROGRESS_INTERVAL", "0")
+    p = _progress.Progress(4, "work", "it")
+    p.update(1, loss=1.23456)
+    p.update(1)
+    p.write("[it 2] an event")
+    p.close()
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert lines[0].startswith("vaebm work: 1/4 it (25%), ") and "ETA " in lines[0]
+    assert lines[0].endswith("loss 1.235")
+    assert lines[2] == "[it 2] an event"
+    assert lines[3].startswith("vaebm work: 2/4 it in ")
+    # a long interval: a short job prints nothing at all
+    monkeypatch.setenv("VAEBM_PROGRESS_INTERVAL", "3600")
+    with _progress.Progress(4, "short") as p:
+        p.update(4)
+    assert capsys.readouterr().err == ""
+    monkeypatch.setenv("VAEBM_PROGRESS_INTERVAL", "0")
+    prev = _progress.set_verbosity(0)
+    try:
+        with _progress.Progress(4, "quiet") as p:
+            p.update(4)
+        _progress.say("a build message")
+    finally:
+        _progress.set_verbosity(prev)
+    assert capsys.readouterr().err == ""
+
+
+def test_progress_uses_tqdm_on_a_terminal(monkeypatch):
+    import sys
+    import types
+
+    from vaebm import _progress
+
+    made = []
+
+    class FakeTqdm:
+        def __init__(self, **kw):
+            self.kw, self.n, self.postfix, self.closed = kw, kw.get("initial", 0), None, False
+            made.append(self)
+
+        def update(self, k):
+            self.n += k
+
+        def set_postfix(self, d, refresh=True):
+            self.postfix = d
+
+        def write(self, s, file=None):
+            pass
+
+        def close(self):
+            self.closed = True
+
+    class Tty:
+        def isatty(self):
+            return True
+
+        def write(self, s):
+            pass
+
+        def flush(self):
+            pass
+
+    mod = types.ModuleType("tqdm.auto")
+    mod.tqdm = FakeTqdm
+    monkeypatch.setitem(sys.modules, "tqdm.auto", mod)
+    monkeypatch.setattr(sys, "stderr", Tty())
+    monkeypatch.delenv("VAEBM_QUIET", raising=False)
+    with _progress.Progress(10, "bar", initial=2) as p:
+        p.moveto(5, loss=0.5)
+    assert len(made) == 1 and made[0].n == 5 and made[0].postfix == {"loss": "0.5"}
+    assert made[0].kw["total"] == 10 and made[0].closed
+
+
+def test_training_shows_progress_by_default_without_tqdm(tmp_path, data_root, monkeypatch, capsys):
+    """Progress needed --progress and tqdm: now on by default with a plain fallback on stderr,
+    --progress is a no-op kept for old scripts and --quiet silences it."""
+    import sys
+
+    monkeypatch.setitem(sys.modules, "tqdm", None)
+    monkeypatch.setitem(sys.modules, "tqdm.auto", None)
+    monkeypatch.setenv("VAEBM_PROGRESS_INTERVAL", "0")
+    monkeypatch.delenv("VAEBM_QUIET", raising=False)
+    argv = ["train-vae", "--dataset", "fashion_mnist", "--data-root", str(data_root), "--preset",
+            "tiny", "--steps", "2", "--set", "eval_batches=1", "--set", "eval_iwae_k=1"]
+    assert main([*argv, "--out", str(tmp_path / "a"), "--progress"]) == 0
+    err = capsys.readouterr().err
+    assert "vaebm vae training: 1/2 it (50%)" in err and "ETA" in err and "loss" in err, err
+    assert "vaebm vae training: 2/2 it in " in err
+    assert main(["--quiet", *argv, "--out", str(tmp_path / "b")]) == 0
+    assert "vae training" not in capsys.readouterr().err
+
+
+def test_kernel_builds_say_what_they_compile_and_why(tmp_path, monkeypatch, capsys):
+    """A cold build took ~2 minutes in silence: it now names the extension, the reason (first
+    use / what changed) and the cache before compiling, and the time after; quiet: nothing."""
+    from torch.utils import cpp_extension
+
+    from vaebm import _progress
+    from vaebm.ops import _build
+
+    monkeypatch.setenv("VAEBM_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.delenv("VAEBM_QUIET", raising=False)
+    monkeypatch.setattr(_build, "_loaded", {})
+    before = []
+
+    def fake_load(name, sources, build_directory, **kw):
+        before.append(capsys.readouterr().err)  # what was said before compiling
+        (tmp_path / "cache").mkdir(exist_ok=True)
+        open(f"{build_directory}/{name}.so", "wb").close()
+
+    monkeypatch.setattr(cpp_extension, "load", fake_load)
+    _build.build_extension("vaebm_cpu_nn", ["cpu/swish_cpu.cpp"], cflags=["-O1"])
+    said = before[-1]
+    assert said.startswith("vaebm: compiling the C++ CPU kernels of the networks")
+    assert "(vaebm_cpu_nn, first use; cached in " + str(tmp_path / "cache" / "vaebm_cpu_nn-") in said
+    assert "vaebm: compiled vaebm_cpu_nn in " in capsys.readouterr().err
+    # other flags (or sources, torch, Python): a rebuild that says why
+    monkeypatch.setattr(_build, "_loaded", {})
+    _build.build_extension("vaebm_cpu_nn", ["cpu/swish_cpu.cpp"], cflags=["-O2"])
+    assert "changed since the cached build vaebm_cpu_nn-" in before[-1]
+    capsys.readouterr()
+    monkeypatch.setattr(_build, "_loaded", {})
+    prev = _progress.set_verbosity(0)
+    try:
+        _build.build_extension("vaebm_cpu_nn", ["cpu/swish_cpu.cpp"], cflags=["-O3"])
+    finally:
+        _progress.set_verbosity(prev)
+    assert before[-1] == "" and capsys.readouterr().err == ""
+
+
+def test_every_pip_extra_named_in_hints_exists():
+    """Hints named vaebm[progress] and vaebm[tensorboard], which setup.py does not define."""
+    import ast
+    import re
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    extras = None
+    for node in ast.walk(ast.parse((root / "setup.py").read_text())):
+        if isinstance(node, ast.keyword) and node.arg == "extras_require":
+            extras = {ast.literal_eval(k) for k in node.value.keys}
+    assert extras and {"train", "eval"} <= extras
+    named = {}
+    files = sorted((root / "vaebm").rglob("*.py")) + [root / "README.md"]
+    for f in files:
+        text = f.read_text(encoding="utf-8")
+        for m in re.finditer(r"(?:vaebm|[\"']\.)\[([A-Za-z0-9_,\- ]+)\]", text):
+            for name in m.group(1).split(","):
+                named.setdefault(name.strip(), set()).add(str(f.relative_to(root)))
+    assert named, "no extras found: the pattern is broken"
+    missing = {k: sorted(v) for k, v in named.items() if k not in extras}
+    assert not missing, f"extras not in setup.py's extras_require: {missing}"
+
+
+@pytest.fixture
+def no_inception_weights(monkeypatch):
+    import vaebm.eval.inception as inc
+
+    monkeypatch.delenv("VAEBM_INCEPTION_WEIGHTS", raising=False)
+    monkeypatch.setattr(inc, "packaged_weights", lambda: None)
+
+
+@pytest.mark.parametrize("extra", [[], ["--inception-weights", "missing.pth"]])
+def test_eval_fid_without_weights_is_an_error_naming_the_flags(tmp_path, capsys, extra,
+                                                               no_inception_weights):
+    """It exited 0 (the metric recorded as not computed) with a hint naming Python arguments;
+    now status 2 before anything is loaded (the models here do not even exist)."""
+    for metrics in ("fid", "is", "ood,fid"):
+        msg = _error(capsys, ["eval", "--vae", str(tmp_path / "nothing"), "--dataset",
+                              "fashion_mnist", "--metrics", metrics, "--out", str(tmp_path / "o"),
+                              *extra])
+        for flag in ("--inception-weights PATH", "--download-weights", "--fid-stats"):
+            assert flag in msg, msg
+        assert "weights=" not in msg and "download=True" not in msg
+        if extra:
+            assert "missing.pth" in msg
+
+
+def test_eval_exits_1_when_a_metric_is_not_computed(tmp_path, data_root, capsys, monkeypatch):
+    """A requested metric that fails is reported, the rest kept in eval.json, and the status
+    is 1 (it was 0)."""
+    import vaebm.eval
+
+    vae_dir = tmp_path / "vae"
+    assert main(["train-vae", "--dataset", "fashion_mnist", "--data-root", str(data_root),
+                 "--preset", "tiny", "--steps", "1", "--set", "eval_batches=1", "--set",
+                 "eval_iwae_k=1", "--out", str(vae_dir)]) == 0
+    capsys.readouterr()
+
+    def no_matplotlib(*args, **kwargs):
+        raise ImportError("histograms need matplotlib: pip install 'vaebm[eval]'")
+
+    monkeypatch.setattr(vaebm.eval, "plot_likelihood_histograms", no_matplotlib)
+    ev = tmp_path / "ev"
+    msg = _error(capsys, ["eval", "--vae", str(vae_dir), "--dataset", "fashion_mnist",
+                          "--data-root", str(data_root), "--metrics", "ood,hist", "--ood", "noise",
+                          "--n-ood", "4", "--batch", "4", "--out", str(ev)], status=1)
+    assert "not computed: hist: ImportError: histograms need matplotlib" in msg
+    res = json.loads((ev / "eval.json").read_text())
+    assert 0.0 <= res["ood"]["noise"]["auroc"] <= 1.0 and "error" in res["hist"]
+    assert "unknown 'fjd'" in _error(capsys, ["eval", "--vae", str(vae_dir), "--dataset",
+                                             "fashion_mnist", "--metrics", "fjd"])

@@ -3,15 +3,19 @@
 ``make_grid(images)``: (N, C, H, W) in [0, 1] -> (H', W', C) uint8 tiled grid.
 ``save_png(array, path)``: writes an (H, W) or (H, W, C) uint8 array, C in {1, 3, 4}.
 ``save_grid(images, path)``: both. The write is atomic (temporary file + rename), so an
-interrupted run never leaves a half-written image behind.
+interrupted run never leaves a half-written image behind; a new file gets the permissions an
+ordinary ``open(path, "wb")`` would give it (0o666 less the umask), not a temporary file's 0600.
+``AtomicFiles``: several files written all or nothing (every one staged in a temporary file
+first, then all renamed into place), for outputs that belong together.
 """
 
 from __future__ import annotations
 
+import errno
 import math
 import os
+import secrets
 import struct
-import tempfile
 import zlib
 
 import numpy as np
@@ -61,22 +65,201 @@ def png_bytes(img: np.ndarray) -> bytes:
             + _chunk(b"IDAT", zlib.compress(raw, 6)) + _chunk(b"IEND", b""))
 
 
-def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
-    """Write ``data`` to ``path`` through a temporary file in the same folder and a rename."""
-    path = os.fspath(path)
-    d = os.path.dirname(os.path.abspath(path))
+def _unlink_quiet(path: str) -> None:
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
+
+
+def _fsync_dir(d: str) -> None:
+    try:
+        fd = os.open(d, os.O_RDONLY)
+    except OSError:  # e.g. Windows: folders cannot be opened
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _new_temp(path: str, tag: str = "tmp") -> tuple[int, str]:
+    """(fd, name) of a new, uniquely named file ``.<name>.<tag>-<pid>-<random>`` beside ``path``
+    (same folder, so a rename into place is atomic). Created with ``os.open(..., 0o666)`` like
+    ``open(path, "wb")`` creates a file, so the umask decides its permissions (``mkstemp``'s
+    0600 would make every image private to its writer)."""
+    d, base = os.path.split(os.path.abspath(path))
     os.makedirs(d, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=d)
+    flags = (os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0)
+             | getattr(os, "O_CLOEXEC", 0))
+    for _ in range(100):
+        tmp = os.path.join(d, f".{base}.{tag}-{os.getpid()}-{secrets.token_hex(4)}")
+        try:
+            return os.open(tmp, flags, 0o666), tmp
+        except FileExistsError:
+            continue
+    raise FileExistsError(errno.EEXIST, "no free temporary file name", os.path.join(d, base))
+
+
+def _link_backup(path: str) -> str | None:
+    """A hard link ``.<name>.old-<pid>-<random>`` to the existing ``path`` (no data copied), or
+    None where the file system has no hard links."""
+    d, base = os.path.split(os.path.abspath(path))
+    for _ in range(100):
+        b = os.path.join(d, f".{base}.old-{os.getpid()}-{secrets.token_hex(4)}")
+        try:
+            os.link(path, b)
+            return b
+        except FileExistsError:
+            continue
+        except OSError:
+            return None
+    return None
+
+
+def _write_temp(path: str, write) -> str:
+    """Stage ``write(f)`` (``f`` a binary file object) in a new temporary file beside ``path``,
+    flushed and fsync'ed; returns its name. On any failure the temporary file is removed."""
+    fd, tmp = _new_temp(path)
     try:
         with os.fdopen(fd, "wb") as f:
-            f.write(data)
+            write(f)
             f.flush()
             os.fsync(f.fileno())
+    except BaseException:
+        _unlink_quiet(tmp)
+        raise
+    return tmp
+
+
+def atomic_write(path: str | os.PathLike, write) -> None:
+    """Write a file through ``write(f)`` (``f`` a binary file object) atomically: to a temporary
+    file in the same folder, then renamed over ``path``. A failed write (full disk, ...) leaves
+    ``path`` as it was and no temporary file behind."""
+    path = os.fspath(path)
+    tmp = _write_temp(path, write)
+    try:
         os.replace(tmp, path)
     except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+        _unlink_quiet(tmp)
         raise
+    _fsync_dir(os.path.dirname(os.path.abspath(path)))
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
+    """Write ``data`` to ``path`` through a temporary file in the same folder and a rename."""
+    atomic_write(path, lambda f: f.write(data))
+
+
+class AtomicFiles:
+    """Several files written all or nothing.
+
+    ``write(path, fn)`` / ``write_bytes(path, data)`` stage each file in a temporary file beside
+    its target (flushed and fsync'ed); nothing is visible yet. ``commit()`` renames every staged
+    file into place, then deletes the files given to ``remove(path)`` (stale outputs of an
+    earlier run). Until ``commit`` the old files stay as they were; if a write fails, or the
+    ``with`` block raises, every temporary file is removed and no target is touched. Should a
+    rename fail during ``commit`` (no space is needed for a rename in one folder, so this is
+    rare), the files already replaced are put back from hard-linked copies of the old ones.
+    With ``overwrite=False`` an existing target is never replaced: ``commit`` raises
+    :class:`FileExistsError` (checked atomically through a hard link where the file system has
+    them) and places nothing.
+
+    Used as a context manager it commits when the block ends normally and discards otherwise.
+    """
+
+    def __init__(self, *, overwrite: bool = True):
+        self.overwrite = overwrite
+        self._staged: list[tuple[str, str]] = []
+        self._remove: list[str] = []
+
+    def write(self, path, write) -> None:
+        path = os.fspath(path)
+        if any(p == path for p, _ in self._staged):
+            raise ValueError(f"{path}: staged twice")
+        self._staged.append((path, _write_temp(path, write)))
+
+    def write_bytes(self, path, data: bytes) -> None:
+        self.write(path, lambda f: f.write(data))
+
+    def remove(self, path) -> None:
+        """Delete ``path`` (if it exists) at commit."""
+        self._remove.append(os.fspath(path))
+
+    @property
+    def paths(self) -> list[str]:
+        return [p for p, _ in self._staged]
+
+    def discard(self) -> None:
+        for _, tmp in self._staged:
+            _unlink_quiet(tmp)
+        self._staged, self._remove = [], []
+
+    def _place(self, tmp: str, path: str) -> None:
+        if self.overwrite:
+            os.replace(tmp, path)
+            return
+        try:
+            os.link(tmp, path)  # fails if path exists: never replaces a file made meanwhile
+        except FileExistsError:
+            raise FileExistsError(errno.EEXIST, "already exists", path) from None
+        except OSError:  # no hard links here: check, then rename
+            if os.path.lexists(path):
+                raise FileExistsError(errno.EEXIST, "already exists", path) from None
+            os.replace(tmp, path)
+            return
+        os.unlink(tmp)
+
+    def commit(self) -> list[str]:
+        """Put every staged file in place (all or none); returns their paths."""
+        if not self.overwrite:
+            for path, _ in self._staged:
+                if os.path.lexists(path):
+                    self.discard()
+                    raise FileExistsError(errno.EEXIST, "already exists", path)
+        placed, backups = [], {}
+        try:
+            for path, tmp in self._staged:
+                if os.path.lexists(path):
+                    b = _link_backup(path)
+                    if b is not None:
+                        backups[path] = b
+                self._place(tmp, path)
+                placed.append(path)
+        except BaseException:
+            for path in reversed(placed):
+                try:
+                    if path in backups:
+                        os.replace(backups.pop(path), path)
+                    else:
+                        os.unlink(path)
+                except OSError:
+                    pass
+            for b in backups.values():
+                _unlink_quiet(b)
+            self.discard()
+            raise
+        for b in backups.values():
+            _unlink_quiet(b)
+        for path in self._remove:
+            if path not in placed:
+                _unlink_quiet(path)
+        for d in sorted({os.path.dirname(os.path.abspath(p)) for p in placed + self._remove}):
+            _fsync_dir(d)
+        self._staged, self._remove = [], []
+        return placed
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, exc_type, exc, tb):
+        if exc_type is None:
+            self.commit()
+        else:
+            self.discard()
+        return False
 
 
 def save_png(img: np.ndarray, path) -> None:

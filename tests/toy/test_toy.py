@@ -237,3 +237,91 @@ def test_default_demo_closes_the_gap_to_the_true_density():
     r = run_demo(None, plot=False, log=lambda *a: None)
     assert r["gap_to_true"]["vaebm"] <= 0.40
     assert r["gap_to_true"]["vae"] - r["gap_to_true"]["vaebm"] >= 0.8
+
+
+def _block_matplotlib(monkeypatch):
+    import sys
+
+    for name in ("matplotlib", "matplotlib.pyplot"):
+        monkeypatch.setitem(sys.modules, name, None)  # import raises ImportError
+
+
+def test_fig4_is_drawn_without_matplotlib(tmp_path, monkeypatch):
+    """A fresh install has no matplotlib: the figure is drawn with numpy instead of skipped.
+    Panel j shows points exactly where set j's samples are, nowhere else."""
+    from vaebm.imageio import read_png
+    from vaebm.toy.experiment import plot_samples
+
+    _block_matplotlib(monkeypatch)
+    lim, size, pad = 2.0, 480, 16  # render_panels' defaults
+    sets = {"left": torch.tensor([[1.0, 1.0]]).repeat(50, 1),
+            "right": torch.tensor([[-1.0, -1.5]]).repeat(50, 1)}
+    path = plot_samples(str(tmp_path / "fig4.png"), sets, lim=lim)
+    assert path == str(tmp_path / "fig4.png")
+    raw = (tmp_path / "fig4.png").read_bytes()
+    assert b"tEXt" in raw and b"left, right" in raw  # the panels' names
+    img = read_png(path).astype(int)
+    assert img.shape == (size + 2 * pad, 2 * size + 3 * pad, 3)
+
+    def pixel(panel, x, y):
+        col = int((x + lim) / (2 * lim) * size)
+        row = int((lim - y) / (2 * lim) * size)
+        return img[pad + row, pad + panel * (size + pad) + col]
+
+    white = np.array([255, 255, 255])
+    for panel, (x, y) in enumerate([(1.0, 1.0), (-1.0, -1.5)]):
+        drawn = pixel(panel, x, y)
+        assert drawn[2] > drawn[0] + 60, drawn  # the points' blue
+        other = (-1.0, -1.5) if panel == 0 else (1.0, 1.0)
+        assert (pixel(panel, *other) == white).all()  # the other set's place is empty here
+    # only the splats are coloured inside the panels: 2 sets x 5 pixels
+    inner = np.concatenate([img[pad:pad + size, pad + j * (size + pad):pad + j * (size + pad) + size]
+                            .reshape(-1, 3) for j in range(2)])
+    assert ((inner != white).any(1)).sum() == 2 * 5
+    assert (img[pad - 1, pad:pad + size] < 128).all()  # a frame around each panel
+
+
+def test_demo_reports_stages_by_time_and_draws_fig4_without_matplotlib(tmp_path, monkeypatch):
+    """The README's main command on a fresh install: fig4.png is written (no 'skipping'), and
+    every stage reports progress by time with its name (here every update: interval 0)."""
+    _block_matplotlib(monkeypatch)
+    monkeypatch.setenv("VAEBM_PROGRESS_INTERVAL", "0")
+    monkeypatch.delenv("VAEBM_QUIET", raising=False)
+    lines = []
+    r = run_demo(str(tmp_path), log=lines.append, vae_steps=8, vae_batch=64, ebm_steps=4,
+                 ebm_batch=32, ld_steps=2, n_test=100, iwae_k=5, grid_n=16, z_samples=1024,
+                 n_plot=50, sample_steps=20)
+    assert r["figure"] == str(tmp_path / "fig4.png") and (tmp_path / "fig4.png").is_file()
+    text = "\n".join(lines)
+    assert "skipping" not in text and "matplotlib" not in text
+    for stage in ("stage 1/4 VAE: 4/8 steps (50%)", "stage 2/4 energy: 2/4 steps (50%)",
+                  "stage 3/4 log Z: ", "stage 3/4 IWAE: 100/100 test points",
+                  "stage 4/4 samples: 10/20 MALA steps (50%)"):
+        assert stage in text, (stage, text)
+    assert "ETA" in text and "-elbo" in text and "MALA accept" in text
+
+
+def test_demo_plots_nothing_with_no_plot(tmp_path):
+    r = run_demo(str(tmp_path), plot=False, log=lambda *a: None, vae_steps=2, vae_batch=16,
+                 ebm_steps=1, ebm_batch=16, ld_steps=1, n_test=20, iwae_k=2, grid_n=8,
+                 z_samples=256, n_plot=10, sample_steps=1)
+    assert r["figure"] is None and not (tmp_path / "fig4.png").exists()
+
+
+def test_cli_demo_is_quiet_with_quiet(monkeypatch, capsys, tmp_path):
+    """``vaebm --quiet demo`` prints the results only; without it the stages come through."""
+    import vaebm.toy.experiment as X
+    from vaebm.cli import main
+
+    def fake_run_demo(out, *, paper, plot, seed, log=print):
+        log("stage 1/4 VAE: 1/2 steps")
+        return {"timings": {"total_s": 1.0}, "figure": None}
+
+    monkeypatch.setattr(X, "run_demo", fake_run_demo)
+    monkeypatch.setattr(X, "format_table", lambda res: "RESULTS TABLE")
+    for argv, talks in ((["demo"], True), (["--quiet", "demo"], False),
+                        (["demo", "--quiet"], False)):
+        assert main([*argv, "--out", str(tmp_path)]) == 0
+        out = capsys.readouterr().out
+        assert "RESULTS TABLE" in out
+        assert ("stage 1/4 VAE" in out) == talks, (argv, out)

@@ -36,12 +36,8 @@ def test_disabled_and_non_finite(tmp_path):
 @pytest.mark.skipif(importlib.util.find_spec("tensorboard") is not None,
                     reason="tensorboard is installed")
 def test_tensorboard_required_but_missing(tmp_path):
-    with pytest.raises(ImportError, match=r"vaebm\[tensorboard\]"):
+    with pytest.raises(ImportError, match=r"vaebm\[train\]"):
         TrainLogger(tmp_path, "z", tensorboard=True)
     TrainLogger(tmp_path, "z", tensorboard=None).close()  # optional: silently without
 
 
-@pytest.mark.skipif(importlib.util.find_spec("tqdm") is not None, reason="tqdm is installed")
-def test_progress_needs_tqdm(tmp_path):
-    with pytest.raises(ImportError, match=r"vaebm\[progress\]"):
-        TrainLogger(tmp_path, "p", progress=True)

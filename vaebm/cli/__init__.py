@@ -8,6 +8,7 @@ import sys
 
 from ._common import UsageError
 from .evaluate import cmd_eval
+from .export import cmd_export
 from .misc import cmd_backends, cmd_demo, cmd_info
 from .sample import cmd_sample
 from .train import cmd_train_ebm, cmd_train_vae
@@ -32,7 +33,8 @@ def _train_args(p, kind: str):
     p.add_argument("--allow-config-change", action="store_true",
                    help="resume even if lr, batch size, seed, model or dataset differ from the "
                         "run's (each change is logged in events.log)")
-    p.add_argument("--progress", action="store_true", help="progress bar (needs tqdm)")
+    p.add_argument("--progress", action="store_true",
+                   help="accepted for compatibility: progress is on unless --quiet")
 
 def _version() -> str:
     """The installed distribution's version, else the package's ``__version__``."""
@@ -48,6 +50,8 @@ def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="vaebm", description="VAEBM: train, sample, evaluate.")
     p.add_argument("--version", action="version", version=f"vaebm {_version()}")
     p.add_argument("--debug", action="store_true", help="show the traceback of an error")
+    p.add_argument("--quiet", action="store_true", help="no progress and no build messages "
+                   "(results and errors still print)")
     sub = p.add_subparsers(dest="command", required=True)
     sub.add_parser("backends", help=cmd_backends.__doc__).set_defaults(func=cmd_backends)
     demo = sub.add_parser("demo", help=cmd_demo.__doc__)
@@ -88,6 +92,14 @@ def _parser() -> argparse.ArgumentParser:
     sp.add_argument("--backend", default=None, help="Langevin kernel backend")
     sp.add_argument("--out", default="vaebm-samples")
     sp.set_defaults(func=cmd_sample)
+    ex = sub.add_parser("export", help=cmd_export.__doc__)
+    ex.add_argument("--vae", default=None, help="stage-1 run folder/checkpoint or published NVAE checkpoint")
+    ex.add_argument("--ebm", default=None, help="stage-2 run folder or checkpoint")
+    ex.add_argument("--out", default="vaebm-export", help="folder for <kind>.pt/.safetensors + <kind>.json")
+    ex.add_argument("--format", choices=["pt", "safetensors"], default="pt",
+                    help="pt: torch.load(weights_only=True); safetensors: needs the safetensors package")
+    ex.add_argument("--force", action="store_true", help="replace existing files")
+    ex.set_defaults(func=cmd_export)
     ev = sub.add_parser("eval", help=cmd_eval.__doc__)
     ev.add_argument("--vae", required=True)
     ev.add_argument("--ebm", default=None, help="without it the VAE alone is evaluated")
@@ -119,6 +131,8 @@ def _parser() -> argparse.ArgumentParser:
     for sp_ in sub.choices.values():  # --debug also after the command (never resets it)
         sp_.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
                          help="show the traceback of an error")
+        sp_.add_argument("--quiet", action="store_true", default=argparse.SUPPRESS,
+                         help="no progress and no build messages")
     return p
 
 def _exit_status(e: BaseException) -> int | None:
@@ -139,8 +153,12 @@ def _one_line(e: BaseException) -> str:
 
 def main(argv=None) -> int:
     """Run the command; errors are one ``vaebm: error: ...`` line on stderr and a non-zero
-    status (2: bad input, 1: a failure while running) unless ``--debug`` is given."""
+    status (2: bad input, 1: a failure while running) unless ``--debug`` is given.
+    ``--quiet`` silences progress and build messages (the library's switch, for this call)."""
+    from .._progress import set_verbosity
+
     args = _parser().parse_args(argv)
+    prev = set_verbosity(0) if getattr(args, "quiet", False) else None
     try:
         return args.func(args) or 0
     except Exception as e:
@@ -149,6 +167,9 @@ def main(argv=None) -> int:
             raise
         print(f"vaebm: error: {_one_line(e)}", file=sys.stderr, flush=True)
         return status
+    finally:
+        if getattr(args, "quiet", False):
+            set_verbosity(prev)
 
 
 if __name__ == "__main__":

@@ -35,8 +35,7 @@ def _config(kind: str, args, preset: str):
         if getattr(args, flag, None) is not None:
             overrides[field] = getattr(args, flag)
     overrides["out_dir"] = args.out
-    if getattr(args, "progress", False):
-        overrides["progress"] = True
+    # progress: the config's default (on unless --quiet); --progress is a no-op kept for old scripts
     try:
         if args.config:
             return load_config(args.config, kind, overrides)

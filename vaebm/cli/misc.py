@@ -30,9 +30,12 @@ def cmd_info(args) -> int:
 
 def cmd_demo(args) -> int:
     """The 2-D likelihood experiment of Sec. 5.4 (25 Gaussians, embedded: nothing to download)."""
+    from .._progress import quiet
     from ..toy.experiment import format_table, run_demo
 
-    res = run_demo(args.out, paper=args.paper, plot=not args.no_plot, seed=args.seed)
+    # stage names and progress every few seconds; --quiet: only the results
+    log = (lambda *a: None) if quiet() else (lambda line: print(line, flush=True))
+    res = run_demo(args.out, paper=args.paper, plot=not args.no_plot, seed=args.seed, log=log)
     print(format_table(res))
     t = res["timings"]["total_s"]
     print(f"finished in {t:.0f} s; results, models and samples in {args.out}"

@@ -1,4 +1,21 @@
-"""``vaebm sample``: VAEBM (or plain VAE) samples as PNG grids and an .npz."""
+"""``vaebm sample``: VAEBM (or plain VAE) samples as PNG grids and an .npz.
+
+Outputs in ``--out``: ``samples.png``, ``vae_samples.png`` (the chains' starts), ``pairs.png``
+(before/after), ``chain.png`` (with ``--every``) and ``samples.npz``. They are written all or
+nothing: each goes to a temporary file in ``--out`` first, and only once every write has
+succeeded are they all renamed into place; a failed write (a full disk, ...) leaves the files of
+an earlier run in that folder as they were and no temporary file behind. Outputs of an earlier
+run that this run does not write (``chain.png`` without ``--every``, a grid with no finite image)
+are removed at the same time, so the folder never mixes two runs.
+
+Non-finite samples: a chain that diverges gives NaN/Inf pixels. Such images are left out of the
+PNG grids (which show the finite ones, in order), their indices are printed and stored as
+``nonfinite`` (int64 indices into ``samples``) in ``samples.npz``, which keeps the raw arrays of
+all ``--n`` samples (sample i stays sample i of the seeded sequence). The command succeeds (exit
+status 0) while at least one sample is finite. If none is, what can be saved still is
+(``samples.npz``, and ``vae_samples.png`` if the starts are finite) and a RuntimeError says so
+(exit status 1).
+"""
 
 from __future__ import annotations
 
@@ -31,15 +48,60 @@ def _zero_energy(x):
     """E = 0: plain VAE samples through the same sampler (with no steps, never differentiated)."""
     return x.flatten(1).sum(1) * 0.0
 
-def cmd_sample(args) -> int:
-    """Draw VAEBM samples (PNG grids, .npz); without --ebm, plain VAE samples."""
+OUTPUTS = ("samples.png", "vae_samples.png", "pairs.png", "chain.png", "samples.npz")
+
+
+def _indices(idx, limit: int = 20) -> str:
+    shown = ", ".join(str(int(i)) for i in idx[:limit])
+    return shown + (f", ... ({len(idx)} in all)" if len(idx) > limit else "")
+
+
+def _write_outputs(res: dict, out: str) -> tuple[list[str], list[int]]:
+    """Write the outputs of ``vaebm_sample``'s result ``res`` to ``out`` all or nothing (see
+    the module docstring); returns the names written and the indices of non-finite samples."""
     import json
     import os
 
     import numpy as np
     import torch
 
-    from ..imageio import save_grid
+    from ..imageio import AtomicFiles, make_grid, png_bytes
+
+    samples, initial = res["samples"], res["initial"]
+    finite = lambda x: torch.isfinite(x.flatten(1)).all(1)  # noqa: E731  per sample
+    ok, ok_init = finite(samples), finite(initial)
+    nonfinite = (~ok).nonzero().flatten()
+    grids = {}
+    if ok.any():
+        grids["samples.png"] = (samples[ok], None)
+    if ok_init.any():
+        grids["vae_samples.png"] = (initial[ok_init], None)
+    both = (ok & ok_init).nonzero().flatten()[:32]  # before/after pairs as Fig. 12: odd
+    if len(both):                                   # columns before, even after
+        grids["pairs.png"] = (torch.stack([initial[both], samples[both]], 1).flatten(0, 1), 8)
+    arrays = {"samples": samples.numpy(), "initial": initial.numpy(),
+              "energy": res["energy"].numpy(), "nonfinite": nonfinite.numpy().astype(np.int64)}
+    if "chain" in res:
+        ch = res["chain"]  # (frames, n, C, H, W): samples whose every frame is finite
+        good = torch.isfinite(ch.flatten(2)).all(2).all(0).nonzero().flatten()[:10]
+        if len(good):
+            grids["chain.png"] = (ch[:, good].transpose(0, 1).flatten(0, 1), ch.shape[0])
+        arrays["chain"] = ch.numpy()
+    pngs = {name: png_bytes(make_grid(x, nrow=nrow)) for name, (x, nrow) in grids.items()}
+    with AtomicFiles() as files:
+        for name, data in pngs.items():
+            files.write_bytes(os.path.join(out, name), data)
+        files.write(os.path.join(out, "samples.npz"),
+                    lambda f: np.savez_compressed(f, **arrays,
+                                                  settings=json.dumps(res["settings"])))
+        for name in OUTPUTS:
+            if name not in pngs and name != "samples.npz":
+                files.remove(os.path.join(out, name))  # an earlier run's, now stale
+    return [*pngs, "samples.npz"], nonfinite.tolist()
+
+
+def cmd_sample(args) -> int:
+    """Draw VAEBM samples (PNG grids, .npz); without --ebm, plain VAE samples."""
     from ..sampling.generate import vaebm_sample
 
     device, vae, energy, steps, step_size, mode = _models_for_sampling(args)
@@ -52,20 +114,16 @@ def cmd_sample(args) -> int:
                        start_t=args.temperature,
                        seed=args.seed, every=args.every, device=device, backend=args.backend,
                        progress=True)
-    os.makedirs(args.out, exist_ok=True)
-    out = {"samples": res["samples"], "initial": res["initial"]}
-    save_grid(res["samples"], os.path.join(args.out, "samples.png"))
-    save_grid(res["initial"], os.path.join(args.out, "vae_samples.png"))
-    k = min(args.n, 32)  # before/after pairs as Fig. 12: odd columns before, even after
-    pairs = torch.stack([res["initial"][:k], res["samples"][:k]], 1).flatten(0, 1)
-    save_grid(pairs, os.path.join(args.out, "pairs.png"), nrow=8)
-    if "chain" in res:
-        ch = res["chain"][:, : min(args.n, 10)].transpose(0, 1).flatten(0, 1)
-        save_grid(ch, os.path.join(args.out, "chain.png"), nrow=res["chain"].shape[0])
-        out["chain"] = res["chain"]
-    np.savez_compressed(os.path.join(args.out, "samples.npz"),
-                        **{k_: v.numpy() for k_, v in out.items()}, energy=res["energy"].numpy(),
-                        settings=json.dumps(res["settings"]))
-    print(f"{args.n} samples ({steps} Langevin steps, step size {step_size:g}, {mode} energy) "
-          f"-> {args.out}/samples.png, vae_samples.png, pairs.png, samples.npz")
+    written, nonfinite = _write_outputs(res, args.out)
+    n = len(res["samples"])
+    if len(nonfinite) == n:
+        raise RuntimeError(f"all {n} samples are non-finite (NaN/Inf; lower --step-size or "
+                           f"check the models): no sample image written; the raw arrays are in "
+                           f"{args.out}/samples.npz (wrote {', '.join(written)})")
+    print(f"{n - len(nonfinite)} samples ({steps} Langevin steps, step size {step_size:g}, "
+          f"{mode} energy) -> {args.out}/{', '.join(written)}")
+    if nonfinite:
+        print(f"warning: {len(nonfinite)} of {n} samples are non-finite (NaN/Inf), left out of "
+              f"the PNGs and listed in samples.npz['nonfinite'] (raw arrays kept): indices "
+              f"{_indices(nonfinite)}", flush=True)
     return 0

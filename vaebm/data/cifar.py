@@ -8,7 +8,9 @@ The pickles are read with a restricted unpickler that only rebuilds numpy arrays
 byte strings: a file named like a CIFAR batch cannot run code when loaded.
 
 ``root`` may be the ``cifar-10-batches-py`` folder, a folder holding it, or the
-``cifar-10-python.tar.gz`` archive itself.
+``cifar-10-python.tar.gz`` archive itself. Only regular files are read, and a batch file (or
+archive member, by its declared size) over :data:`BATCH_MAX_BYTES` (64 MiB; a real batch is
+~31 MB) is refused before it is read.
 """
 
 from __future__ import annotations
@@ -22,12 +24,16 @@ from pathlib import Path
 import numpy as np
 
 from ._base import (DataFormatError, ImageArrayDataset, check_labels, default_roots,
-                    normalize_split, read_bytes, to_uint8)
+                    normalize_split, open_tar, read_bytes, read_tar_member, tar_members,
+                    to_uint8)
 
 FOLDER = "cifar-10-batches-py"
 ARCHIVE = "cifar-10-python.tar.gz"
 TRAIN_BATCHES = tuple(f"data_batch_{i}" for i in range(1, 6))
 TEST_BATCHES = ("test_batch",)
+# a batch of 10,000 images pickles to ~31 MB; larger declared sizes are refused before reading
+BATCH_MAX_BYTES = 64 << 20
+_WHAT = "a CIFAR-10 batch file"
 CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship",
            "truck")
 
@@ -111,16 +117,16 @@ def _read_members(loc: Path, names) -> list[tuple[bytes, str]]:
         missing = [n for n in names if not (loc / n).exists()]
         if missing:
             raise FileNotFoundError(f"{loc}: missing CIFAR-10 batch file(s) {', '.join(missing)}")
-        return [(read_bytes(loc / n), str(loc / n)) for n in names]
+        return [(read_bytes(loc / n, BATCH_MAX_BYTES, _WHAT), str(loc / n)) for n in names]
     try:
-        with tarfile.open(loc) as tar:
-            members = {Path(m.name).name: m for m in tar.getmembers() if m.isfile()}
+        with open_tar(loc) as tar:
+            members = {Path(m.name).name: m for m in tar_members(tar, loc) if m.isfile()}
             missing = [n for n in names if n not in members]
             if missing:
                 raise FileNotFoundError(f"{loc}: archive lacks CIFAR-10 batch(es) "
                                         f"{', '.join(missing)}")
-            return [(tar.extractfile(members[n]).read(), f"{loc}:{members[n].name}")
-                    for n in names]
+            return [(read_tar_member(tar, members[n], loc, BATCH_MAX_BYTES, _WHAT),
+                     f"{loc}:{members[n].name}") for n in names]
     except (tarfile.TarError, EOFError, OSError) as e:
         if isinstance(e, FileNotFoundError):
             raise

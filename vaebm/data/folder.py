@@ -17,11 +17,20 @@ lies in root (images in root or root/img_align_celeba), or beside root when root
 ``img_align_celeba``; otherwise a sub-folder named after the split (train, valid / val /
 validation, test) is used; otherwise 'train' (or 'all') means every image under root.
 Training augmentations (random crops, flips) are not applied unless ``random_flip=True``.
+
+Only regular files are read (a FIFO named ``*.png`` would block the reader forever). Decision:
+entries of a folder listing that are not regular files (FIFO, socket, device, dangling link)
+are *skipped* with one :class:`NonRegularFileWarning` naming them, since a folder data set is
+"every image under root"; a file named explicitly (CelebA's partition list) or turned into a
+non-regular file after listing raises :class:`DataFormatError` naming it. Files are opened with
+``O_NONBLOCK`` and checked with ``fstat``, so neither case can block. An image whose header
+declares more than :data:`MAX_IMAGE_PIXELS` pixels is refused before it is decoded.
 """
 
 from __future__ import annotations
 
 import os
+import warnings
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -29,10 +38,11 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from ._base import DataFormatError, default_roots
+from ._base import DataFormatError, default_roots, is_regular_file, open_regular
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".gif", ".tif", ".tiff", ".ppm",
                     ".pgm")
+MAX_IMAGE_PIXELS = 1 << 26  # 64 Mpixel (8192 x 8192); CelebA HQ is 1 Mpixel
 CELEBA_SIZE = (178, 218)               # (width, height) of img_align_celeba
 CELEBA64_BOX = (15, 40, 178 - 15, 218 - 30)  # (left, top, right, bottom): 148 x 148
 CROPS = ("center", "celeba", None)
@@ -48,14 +58,31 @@ def _pil():
     return Image
 
 
+class NonRegularFileWarning(UserWarning):
+    """An image folder holds entries named like images that are not regular files (FIFOs,
+    sockets, devices, dangling links); they were skipped."""
+
+
 def list_images(root, extensions=IMAGE_EXTENSIONS) -> list[Path]:
-    """Image files under ``root`` (recursively, hidden files skipped), sorted by path."""
+    """Image files under ``root`` (recursively, hidden files skipped), sorted by path. Only
+    regular files (or symlinks to one) count: other entries with an image extension (a FIFO,
+    which would block the reader, a socket, a device, a dangling link) are skipped with one
+    :class:`NonRegularFileWarning` naming them."""
     root = Path(root)
-    out = []
+    out, skipped = [], []
     for d, dirs, files in os.walk(root):
         dirs[:] = sorted(x for x in dirs if not x.startswith("."))
-        out += [Path(d) / f for f in files
-                if not f.startswith(".") and f.lower().endswith(tuple(extensions))]
+        for f in files:
+            if f.startswith(".") or not f.lower().endswith(tuple(extensions)):
+                continue
+            p = Path(d) / f
+            (out if is_regular_file(p) else skipped).append(p)
+    if skipped:
+        skipped.sort()
+        shown = ", ".join(str(p) for p in skipped[:5]) + (", ..." if len(skipped) > 5 else "")
+        warnings.warn(f"{root}: skipped {len(skipped)} entr{'y' if len(skipped) == 1 else 'ies'} "
+                      f"named like images that are not regular files (FIFO, socket, device or "
+                      f"dangling link): {shown}", NonRegularFileWarning, stacklevel=2)
     return sorted(out)
 
 
@@ -181,13 +208,19 @@ class ImageFolder(Dataset):
         """Image ``i`` decoded and preprocessed: uint8 (C, R, R)."""
         path = self.files[i]
         Image = _pil()
+        f, _ = open_regular(path)  # never blocks: a FIFO or device is refused by name
         try:
-            with Image.open(path) as im:
+            with f, Image.open(f) as im:
+                w, h = im.size
+                if w * h > MAX_IMAGE_PIXELS:  # checked from the header, before decoding
+                    raise DataFormatError(path, f"the image declares {w}x{h} = {w * h:,} pixels, "
+                                                f"over the limit of {MAX_IMAGE_PIXELS:,}")
                 im.load()  # decode now, so truncated files fail here with their name
                 im = im.convert("RGB" if self.channels == 3 else "L")
-        except FileNotFoundError:
+        except (FileNotFoundError, DataFormatError):
             raise
-        except (OSError, SyntaxError, ValueError) as e:  # UnidentifiedImageError is an OSError
+        except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
+            # UnidentifiedImageError is an OSError
             raise DataFormatError(path, f"cannot read or decode the image ({e})") from e
         im = preprocess(im, self.resolution, self.crop, path)
         a = np.array(im, dtype=np.uint8)  # a writable copy

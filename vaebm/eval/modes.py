@@ -168,17 +168,21 @@ def load_classifier(path, device=None) -> tuple[DigitClassifier, dict]:
 
 @torch.no_grad()
 def classify_stacked(images, classifier: nn.Module, *, n: int | None = None,
-                     batch_size: int = 500, device=None) -> tuple[np.ndarray, np.ndarray]:
+                     batch_size: int = 500, device=None,
+                     progress: bool | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Digits (N, 3) and modes (N,) = 100 d_R + 10 d_G + d_B of (N, 3, H, W) images in [0, 1]
     (any form :func:`vaebm.eval.fid.iter_batches` takes: tensors, datasets, sampler callables).
 
     Images are centre-cropped or zero-padded to the classifier's ``input_size`` when it has one
     (e.g. 32 x 32 padded StackedMNIST samples for a classifier trained on 28 x 28 digits:
-    padding a 28-trained model's inputs costs it ~3 points of accuracy)."""
+    padding a 28-trained model's inputs costs it ~3 points of accuracy). progress: on stderr,
+    sampling included (None: unless vaebm is quiet)."""
     classifier.eval()
     size = getattr(classifier, "input_size", None)
     digits = []
-    for x in iter_batches(images, batch_size, n):
+    desc = "sampling + classifying digits" if callable(images) and not hasattr(images, "__len__") \
+        else "classifying digits"
+    for x in iter_batches(images, batch_size, n, progress=progress, desc=desc):
         if x.shape[1] != 3:
             raise ValueError(f"StackedMNIST images have 3 channels; got {x.shape[1]}")
         if size is not None and tuple(x.shape[-2:]) != tuple(size):

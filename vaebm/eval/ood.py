@@ -58,11 +58,12 @@ def log_h_fn(log_p: Callable, energy: Callable | None = None) -> Callable:
 
 @torch.no_grad()
 def score_images(images, score_fn: Callable, *, n: int | None = None, batch_size: int = 100,
-                 device=None) -> np.ndarray:
+                 device=None, progress: bool | None = None) -> np.ndarray:
     """(N,) float64 scores ``score_fn(x)`` over images in any form
-    :func:`vaebm.eval.fid.iter_batches` takes."""
+    :func:`vaebm.eval.fid.iter_batches` takes. progress: on stderr (None: unless vaebm is
+    quiet)."""
     out = []
-    for x in iter_batches(images, batch_size, n):
+    for x in iter_batches(images, batch_size, n, progress=progress, desc="scoring images"):
         if device is not None:
             x = x.to(device)
         s = score_fn(x)

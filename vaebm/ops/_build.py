@@ -5,6 +5,9 @@ Python versions and the device target, so an edit or an upgrade rebuilds and not
 ever loaded. A build happens in a private temporary folder that is renamed into place, so
 concurrent processes (``torchrun`` ranks) and interrupted builds never leave a half-written
 library behind. On failure the full compiler log is raised, never swallowed.
+
+A build (a minute or two for a cold C++ build) says on stderr what it compiles and why before it
+starts, and how long it took; ``VAEBM_QUIET=1`` or ``vaebm --quiet`` silences it.
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ import platform
 import shutil
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import torch
@@ -22,6 +26,14 @@ import torch
 from .._paths import csrc_dir
 
 _loaded: dict[str, str] = {}
+
+# what each extension is, for the message before a build
+_WHAT = {
+    "vaebm_cpu": "the C++ CPU kernels of the fused Langevin step",
+    "vaebm_cpu_nn": "the C++ CPU kernels of the networks (Swish, weight norm, depthwise conv)",
+    "vaebm_cuda": "the CUDA kernels of the fused Langevin step",
+    "vaebm_cuda_nn": "the CUDA kernels of the networks (Swish, weight norm)",
+}
 
 
 class BuildError(RuntimeError):
@@ -64,6 +76,7 @@ def build_extension(name: str, sources: list[str], *, cflags=(), ldflags=(), cud
         torch.ops.load_library(str(lib))
     else:  # cpp_extension.load builds and loads the library from the temporary folder
         final.parent.mkdir(parents=True, exist_ok=True)
+        t0 = _announce(name, final, target)
         tmp = Path(tempfile.mkdtemp(prefix=f".{name}-{key}-", dir=final.parent))
         srcs = [str(csrc_dir() / s) for s in sources]
         try:
@@ -81,5 +94,25 @@ def build_extension(name: str, sources: list[str], *, cflags=(), ldflags=(), cud
             os.rename(tmp, final)
         except OSError:  # another process finished first: keep its copy
             shutil.rmtree(tmp, ignore_errors=True)
+        from .._progress import say
+        say(f"vaebm: compiled {name} in {time.monotonic() - t0:.0f} s")
     _loaded[name] = str(lib)
     return str(lib)
+
+
+def _announce(name: str, final: Path, target: str) -> float:
+    """Say (stderr, unless quiet) what is about to be compiled and why; returns the start time."""
+    from .._progress import say
+
+    what = _WHAT.get(name) or ("the C++ CPU kernels" if target == "cpu" else "the GPU kernels")
+    older = sorted((p for p in final.parent.glob(f"{name}-*")
+                    if p.is_dir() and p.name != final.name), key=lambda p: p.stat().st_mtime)
+    why = (f"its sources, flags, torch or Python changed since the cached build {older[-1].name}"
+           if older else "first use")
+    home = os.path.expanduser("~")
+    where = str(final)
+    if where.startswith(home + os.sep):
+        where = "~" + where[len(home):]
+    say(f"vaebm: compiling {what} ({name}, {why}; cached in {where} for later runs; a minute "
+        f"or two, once) ...")
+    return time.monotonic()

@@ -24,8 +24,10 @@ import math
 import os
 import time
 
+import numpy as np
 import torch
 
+from .._progress import Progress, interval
 from ..models.eps_space import eps_energy_fn
 from ..sampling import langevin_sample
 from ..sampling.generate import frozen_params
@@ -33,6 +35,7 @@ from .data import get_dataset
 from .models import ToyEnergy, ToyVAE
 
 PAPER = {"vae": -2.97, "vaebm": -1.50, "true": -1.10}
+PROGRESS_INTERVAL = 5.0  # seconds between the demo's progress lines ($VAEBM_PROGRESS_INTERVAL)
 
 
 @dataclasses.dataclass
@@ -81,23 +84,30 @@ def _gen(seed: int, stream: int) -> torch.Generator:
     return torch.Generator().manual_seed(seed * 1_000_003 + stream)
 
 
+def _stage(log, total: int, desc: str, unit: str = "steps") -> Progress:
+    """Time-based progress lines of one demo stage through ``log`` (and a closing line)."""
+    return Progress(total, desc, unit, write=log, prefix="  ", final=True,
+                    interval_s=interval(PROGRESS_INTERVAL))
+
+
 def train_vae(vae: ToyVAE, data, cfg: DemoConfig, log=print) -> list[float]:
+    """Stage 1; a progress line through ``log`` every few seconds."""
     gen = _gen(cfg.seed, 1)
     opt = torch.optim.Adam(vae.parameters(), lr=cfg.vae_lr)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, cfg.vae_steps, eta_min=cfg.vae_lr / 20)
     warm = max(1, int(0.3 * cfg.vae_steps))
     losses = []
     vae.train()
-    for it in range(cfg.vae_steps):
-        x = data.sample(cfg.vae_batch, gen)
-        loss = -vae.elbo(x, kl_weight=min(1.0, (it + 1) / warm)).mean()
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        sched.step()
-        losses.append(loss.item())
-        if (it + 1) % max(1, cfg.vae_steps // 4) == 0:
-            log(f"  vae  step {it + 1:5d}/{cfg.vae_steps}  -elbo {sum(losses[-100:]) / len(losses[-100:]):.3f}")
+    with _stage(log, cfg.vae_steps, "stage 1/4 VAE") as bar:
+        for it in range(cfg.vae_steps):
+            x = data.sample(cfg.vae_batch, gen)
+            loss = -vae.elbo(x, kl_weight=min(1.0, (it + 1) / warm)).mean()
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+            losses.append(loss.item())
+            bar.moveto(it + 1, **{"-elbo": f"{sum(losses[-100:]) / len(losses[-100:]):.3f}"})
     vae.eval()
     return losses
 
@@ -162,6 +172,7 @@ def train_energy(vae: ToyVAE, energy: ToyEnergy, data, cfg: DemoConfig, log=prin
     state = [torch.randn(s, generator=gen) for s in vae.eps_shapes(cfg.ebm_batch)]
     eta = cfg.ld_step_size
     hist = {"loss": [], "e_pos": [], "e_neg": [], "accept": [], "step_size": [], "mh_accept": []}
+    bar = _stage(log, cfg.ebm_steps, "stage 2/4 energy")
     for it in range(cfg.ebm_steps):
         for _ in range(cfg.prior_mh):
             state, mh_acc = prior_mh(vae, energy, state, generator=gen)
@@ -188,11 +199,13 @@ def train_energy(vae: ToyVAE, energy: ToyEnergy, data, cfg: DemoConfig, log=prin
                 pe.lerp_(p, 1 - cfg.ebm_ema)
         for k, v in (("loss", loss), ("e_pos", e_pos.mean()), ("e_neg", e_neg.mean())):
             hist[k].append(v.item())
-        if (it + 1) % max(1, cfg.ebm_steps // 4) == 0:
-            m = lambda k: sum(hist[k][-50:]) / len(hist[k][-50:])  # noqa: E731
-            log(f"  ebm  step {it + 1:5d}/{cfg.ebm_steps}  E(data) {m('e_pos'):+.3f}  "
-                f"E(neg) {m('e_neg'):+.3f}  MALA accept {m('accept'):.2f} (step {eta:.3g})"
-                + (f"  prior-MH accept {m('mh_accept'):.2f}" if hist["mh_accept"] else ""))
+        m = lambda k: sum(hist[k][-50:]) / len(hist[k][-50:])  # noqa: E731
+        info = {"E(data)": f"{m('e_pos'):+.3f}", "E(neg)": f"{m('e_neg'):+.3f}",
+                "MALA accept": f"{m('accept'):.2f} (step {eta:.3g})"}
+        if hist["mh_accept"]:
+            info["prior-MH accept"] = f"{m('mh_accept'):.2f}"
+        bar.moveto(it + 1, **info)
+    bar.close()
     hist["ema"] = ema
     hist["final_step_size"] = eta
     return hist
@@ -214,12 +227,13 @@ def grid_centres(lim: float, n: int):
 @torch.no_grad()
 def log_partition(vae: ToyVAE, energy, *, lim: float, grid_n: int = 512, n_samples: int = 2**18,
                   chunk: int = 8192, generator: torch.Generator | None = None,
-                  x_check: torch.Tensor | None = None) -> dict:
+                  x_check: torch.Tensor | None = None, on_chunk=None) -> dict:
     """log Z = log int p_vae(x) exp(-E(x)) dx for a VAE with N(0, I) prior and diagonal Gaussian
     decoder over 2-D x; ``energy`` maps (N, 2) -> (N,). Returns the grid estimate ``log_z``, the
     plain Monte Carlo ``log_z_mc`` on the same prior draws, and the VAE mass inside the grid.
     With ``x_check`` (N, 2) also ``vae_ll_grid``: the mean over x_check of log(cell mass / cell
-    area), the VAE's log density from the same prior draws (no IWAE), a cross-check of IWAE."""
+    area), the VAE's log density from the same prior draws (no IWAE), a cross-check of IWAE.
+    ``on_chunk(done, n_samples)`` is called after each chunk of prior draws (progress)."""
     edges, _, pts = grid_centres(lim, grid_n)
     e_grid = torch.cat([energy(p.float()).double() for p in pts.split(65536)]).view(grid_n, grid_n)
     mass = torch.zeros(grid_n, grid_n, dtype=torch.float64)
@@ -233,6 +247,8 @@ def log_partition(vae: ToyVAE, energy, *, lim: float, grid_n: int = 512, n_sampl
         neg_e = -energy(x).double()
         mc.append(neg_e)
         tail.append(torch.where((x.abs() > lim).any(1), neg_e, -math.inf))
+        if on_chunk is not None:
+            on_chunk(i + m, n_samples)
     mass /= n_samples
     log_m = math.log(n_samples)
     lse_grid = torch.logsumexp((mass.log() - e_grid).flatten(), 0)
@@ -253,21 +269,33 @@ def log_partition(vae: ToyVAE, energy, *, lim: float, grid_n: int = 512, n_sampl
 
 @torch.no_grad()
 def heldout_log_likelihoods(vae: ToyVAE, energy, x: torch.Tensor, *, iwae_k: int, log_z: float,
-                         generator: torch.Generator | None = None) -> dict:
+                         generator: torch.Generator | None = None, on_chunk=None) -> dict:
     """Per-point test log-likelihoods (B,) float64 for x (B, 2): ``vae`` = IWAE(K) bound on
     log p_vae(x); ``vaebm`` = IWAE(K) - E(x) - log Z, log p of h(x) = p_vae(x) e^{-E(x)} / Z.
     The IWAE bound is used in both places, so VAEBM's figure is a lower bound too (log Z is
-    estimated without IWAE, from prior draws: see :func:`log_partition`)."""
-    iw = vae.iwae(x, iwae_k, generator=generator).double()
+    estimated without IWAE, from prior draws: see :func:`log_partition`).
+    ``on_chunk(done, len(x))`` is called after each chunk of points (progress); the chunks are
+    whole passes of :meth:`ToyVAE.iwae`, so the random draws are those of one call."""
+    rows = 32768  # ToyVAE.iwae's max_rows (decoder rows per pass)
+    per = max(1, rows // min(iwae_k, rows))
+    step = per * max(1, 4096 // per)
+    parts = []
+    for i in range(0, x.shape[0], step):
+        parts.append(vae.iwae(x[i:i + step], iwae_k, max_rows=rows, generator=generator))
+        if on_chunk is not None:
+            on_chunk(min(i + step, x.shape[0]), x.shape[0])
+    iw = torch.cat(parts).double()
     e = torch.cat([energy(c) for c in x.split(65536)]).double()
     return {"vae": iw, "vaebm": iw - e - log_z, "energy": e}
 
 
 def sample_vaebm(vae: ToyVAE, energy, n: int, steps: int, step_size: float, *, seed: int,
-                 mala: bool = True, mh_every: int = 10, backend=None) -> torch.Tensor:
+                 mala: bool = True, mh_every: int = 10, backend=None,
+                 on_step=None) -> torch.Tensor:
     """VAEBM samples (n, 2): eps-space chains from eps ~ N(0, I) (VAE samples): ``steps``
     Langevin steps (MALA by default), with one prior independence-MH move (:func:`prior_mh`)
-    before every ``mh_every`` of them (0: none); then x = T(eps) (Eq. 8)."""
+    before every ``mh_every`` of them (0: none); then x = T(eps) (Eq. 8). ``on_step(done,
+    steps)`` is called after each segment (progress)."""
     g = _gen(seed, 3)
     state = [torch.randn(s, generator=g) for s in vae.eps_shapes(n)]
     done = 0
@@ -278,6 +306,8 @@ def sample_vaebm(vae: ToyVAE, energy, n: int, steps: int, step_size: float, *, s
         state, _ = eps_langevin(vae, energy, state, k, step_size, mala=mala,
                                 seed=seed * 1_000_003 + 999_983 + done, backend=backend)
         done += k
+        if on_step is not None:
+            on_step(done, steps)
     with torch.no_grad():
         return vae.decode_eps(state).x_sample
 
@@ -288,15 +318,73 @@ def mode_fraction(data, x: torch.Tensor, n_std: float = 3.0) -> float:
     return float((d.values <= n_std * data.std[d.indices]).double().mean())
 
 
-def plot_samples(path: str, sets: dict, lim: float) -> str | None:
-    """Fig. 4: one scatter panel per sample set. Returns None (and writes nothing) without
-    matplotlib, which is an optional dependency."""
+_POINT_RGB = np.array([31, 119, 180], dtype=np.float64)  # matplotlib's first colour
+
+
+def render_panels(sets: dict, lim: float, *, size: int = 480, pad: int = 16,
+                  alpha: float = 0.5) -> np.ndarray:
+    """Fig. 4 without matplotlib: one square panel per sample set (points (N, 2) drawn on
+    [-lim, lim]^2, y up), side by side, each framed by a grey border, on white. A point is a
+    small plus-shaped splat; overlapping points darken like matplotlib's ``alpha`` does.
+    Returns an (H, W, 3) uint8 image (numpy only)."""
+    k = len(sets)
+    h, w = size + 2 * pad, k * size + (k + 1) * pad
+    img = np.full((h, w, 3), 255.0)
+    for j, x in enumerate(sets.values()):
+        x = np.asarray(x.detach().cpu() if torch.is_tensor(x) else x, dtype=np.float64)
+        x = x.reshape(-1, 2)
+        x = x[np.isfinite(x).all(1)]
+        col = np.floor((x[:, 0] + lim) / (2 * lim) * size).astype(np.int64)
+        row = np.floor((lim - x[:, 1]) / (2 * lim) * size).astype(np.int64)
+        ok = (col >= 0) & (col < size) & (row >= 0) & (row < size)
+        counts = np.bincount(row[ok] * size + col[ok], minlength=size * size)
+        counts = counts.reshape(size, size).astype(np.float64)
+        splat = counts.copy()  # the pixel and its four neighbours
+        splat[1:] += counts[:-1]
+        splat[:-1] += counts[1:]
+        splat[:, 1:] += counts[:, :-1]
+        splat[:, :-1] += counts[:, 1:]
+        a = 1.0 - (1.0 - alpha) ** splat
+        y0, x0 = pad, pad + j * (size + pad)
+        img[y0:y0 + size, x0:x0 + size] = (255.0 * (1 - a[..., None])
+                                           + _POINT_RGB * a[..., None])
+        grey = 90.0  # the frame, just outside the plotting area
+        img[y0 - 1, x0 - 1:x0 + size + 1] = grey
+        img[y0 + size, x0 - 1:x0 + size + 1] = grey
+        img[y0 - 1:y0 + size + 1, x0 - 1] = grey
+        img[y0 - 1:y0 + size + 1, x0 + size] = grey
+    return np.round(img).astype(np.uint8)
+
+
+def _png_with_title(img: np.ndarray, title: str) -> bytes:
+    """PNG bytes of ``img`` with a tEXt ``Title`` chunk (image viewers show it)."""
+    import struct
+    import zlib
+
+    from ..imageio import png_bytes
+
+    png = png_bytes(img)
+    body = b"Title\0" + title.encode("latin-1", "replace")
+    chunk = (struct.pack(">I", len(body)) + b"tEXt" + body
+             + struct.pack(">I", zlib.crc32(b"tEXt" + body)))
+    end = 8 + 8 + 13 + 4  # signature, then IHDR (length, tag, 13 bytes, CRC)
+    return png[:end] + chunk + png[end:]
+
+
+def plot_samples(path: str, sets: dict, lim: float) -> str:
+    """Fig. 4: one scatter panel per sample set, with matplotlib (titles, as in the paper) when
+    it is installed, else drawn by :func:`render_panels` (no titles in the picture: panels in
+    the order of ``sets``, named in the PNG's Title text). Returns ``path``."""
     try:
         import matplotlib
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
-        return None
+        from ..imageio import atomic_write_bytes
+
+        title = "Fig. 4, left to right: " + ", ".join(sets) + f" (square [-{lim:g}, {lim:g}]^2)"
+        atomic_write_bytes(path, _png_with_title(render_panels(sets, lim), title))
+        return path
     fig, axes = plt.subplots(1, len(sets), figsize=(4 * len(sets), 4.2))
     for ax, (title, x) in zip(axes, sets.items()):
         ax.scatter(x[:, 0].numpy(), x[:, 1].numpy(), s=1.5, alpha=0.5, lw=0)
@@ -324,7 +412,9 @@ def run_demo(out: str | None = "vaebm-demo-out", *, paper: bool = False, plot: b
              log=print, **overrides) -> dict:
     """Train the VAE and the energy on 25 Gaussians, estimate log Z, evaluate test log-likelihoods.
     ``overrides`` are :class:`DemoConfig` fields. Writes results.json, vae.pt, energy.pt,
-    samples.npz-like samples.pt and fig4.png to ``out`` (nothing if ``out`` is None)."""
+    samples.npz-like samples.pt and fig4.png (matplotlib, else a numpy drawing) to ``out``
+    (nothing if ``out`` is None). Each stage reports through ``log``: its name, then a progress
+    line every few seconds (``$VAEBM_PROGRESS_INTERVAL``, default 5) and one when it ends."""
     cfg = DemoConfig.paper(**overrides) if paper else DemoConfig(**overrides)
     t0 = time.time()
     timings = {}
@@ -337,23 +427,29 @@ def run_demo(out: str | None = "vaebm-demo-out", *, paper: bool = False, plot: b
 
     vae = ToyVAE(2, cfg.latent_dim, cfg.hidden, cfg.layers)
     energy = ToyEnergy(2, cfg.hidden, cfg.layers, input_scale=cfg.energy_input_scale)
-    log("stage 1: VAE")
+    log(f"stage 1/4: VAE ({cfg.vae_steps} steps of batch {cfg.vae_batch})")
     train_vae(vae, data, cfg, log)
     timings["vae_train_s"] = time.time() - t0
-    log("stage 2: energy (VAE frozen)")
+    log(f"stage 2/4: energy, VAE frozen ({cfg.ebm_steps} steps of batch {cfg.ebm_batch}, "
+        f"{cfg.ld_steps} MALA steps each)")
     t = time.time()
     hist = train_energy(vae, energy, data, cfg, log)
     energy = hist["ema"].eval()
     timings["ebm_train_s"] = time.time() - t
 
-    log("evaluation: log Z on a grid, IWAE on test points")
+    log(f"stage 3/4: evaluation, log Z on a {cfg.grid_n}^2 grid from {cfg.z_samples} prior "
+        f"draws, IWAE (K={cfg.iwae_k}) on {cfg.n_test} test points")
     t = time.time()
-    lz = log_partition(vae, energy, lim=data.extent + 1.0, grid_n=cfg.grid_n,
-                       n_samples=cfg.z_samples, generator=_gen(cfg.seed, 5), x_check=x_test)
+    with _stage(log, cfg.z_samples, "stage 3/4 log Z", "prior draws") as bar:
+        lz = log_partition(vae, energy, lim=data.extent + 1.0, grid_n=cfg.grid_n,
+                           n_samples=cfg.z_samples, generator=_gen(cfg.seed, 5), x_check=x_test,
+                           on_chunk=lambda done, total: bar.moveto(done))
     timings["log_z_s"] = time.time() - t
     t = time.time()
-    ll = heldout_log_likelihoods(vae, energy, x_test, iwae_k=cfg.iwae_k, log_z=lz["log_z"],
-                              generator=_gen(cfg.seed, 6))
+    with _stage(log, cfg.n_test, "stage 3/4 IWAE", "test points") as bar:
+        ll = heldout_log_likelihoods(vae, energy, x_test, iwae_k=cfg.iwae_k, log_z=lz["log_z"],
+                                     generator=_gen(cfg.seed, 6),
+                                     on_chunk=lambda done, total: bar.moveto(done))
     timings["iwae_s"] = time.time() - t
     ll_true = float(data.log_prob(x_test).double().mean())
     ll_vae, ll_vaebm = float(ll["vae"].mean()), float(ll["vaebm"].mean())
@@ -364,11 +460,13 @@ def run_demo(out: str | None = "vaebm-demo-out", *, paper: bool = False, plot: b
     log(f"  log Z {lz['log_z']:.4f} (plain Monte Carlo {lz['log_z_mc']:.4f}); without IWAE "
         f"(grid cell densities): VAE {cross['vae']:.3f}, VAEBM {cross['vaebm']:.3f}")
 
+    log(f"stage 4/4: {cfg.n_plot} samples of each model ({cfg.sample_steps} MALA steps)")
     t = time.time()
     x_vae = vae.sample(cfg.n_plot, _gen(cfg.seed, 7))
-    x_ebm = sample_vaebm(vae, energy, cfg.n_plot, cfg.sample_steps, hist["final_step_size"],
-                         seed=cfg.seed, mala=cfg.mala, mh_every=10 if cfg.prior_mh else 0,
-                         backend=cfg.backend)
+    with _stage(log, cfg.sample_steps, "stage 4/4 samples", "MALA steps") as bar:
+        x_ebm = sample_vaebm(vae, energy, cfg.n_plot, cfg.sample_steps, hist["final_step_size"],
+                             seed=cfg.seed, mala=cfg.mala, mh_every=10 if cfg.prior_mh else 0,
+                             backend=cfg.backend, on_step=lambda done, total: bar.moveto(done))
     x_true = data.sample(cfg.n_plot, _gen(cfg.seed, 8))
     timings["sample_s"] = time.time() - t
     timings["total_s"] = time.time() - t0
@@ -399,9 +497,6 @@ def run_demo(out: str | None = "vaebm-demo-out", *, paper: bool = False, plot: b
             res["figure"] = plot_samples(os.path.join(out, "fig4.png"),
                                          {"true data": x_true, "VAE": x_vae, "VAEBM": x_ebm},
                                          lim=data.extent)
-            if res["figure"] is None:
-                log("matplotlib is not installed: skipping fig4.png "
-                    "(pip install matplotlib, or the eval extra)")
         _atomic_save({"config": res["config"], "state_dict": vae.state_dict()},
                      os.path.join(out, "vae.pt"))
         _atomic_save({"config": res["config"], "state_dict": energy.state_dict()},

@@ -4,7 +4,12 @@ File format: an 8-byte magic ``VAEBMCK1``, the payload length (8 bytes little-en
 SHA-256 of the payload (32 bytes), then the payload: a ``torch.save`` of a dict of tensors and
 plain Python values. The header lets :func:`load_checkpoint` tell a truncated file, a corrupt one
 and a foreign one apart before unpickling anything; unpickling itself runs with
-``weights_only=True`` and an allow-list (:data:`SAFE_GLOBALS`).
+``weights_only=True`` and an allow-list (:data:`SAFE_GLOBALS`). Files are untrusted: only
+regular files are opened (:func:`open_regular`; a FIFO or device is refused by name, never
+blocks), the header's payload length must equal the file's size before the payload is read, and
+the payload's zip records must be stored uncompressed (as torch.save writes them), so loading
+never takes more memory than the file's size. Models rebuilt from a checkpoint's stored config
+are sized before they are built (:mod:`vaebm.loading`, :mod:`vaebm.models.nvae.limits`).
 
 Writes are atomic: the bytes go to a temporary file in the same folder, which is flushed and
 fsync'ed, the current file (if any) is hard-linked to ``<name>.prev``, then ``os.replace`` puts
@@ -28,8 +33,10 @@ import hashlib
 import io
 import os
 import random
+import stat
 import struct
 import warnings
+import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -107,40 +114,103 @@ def save_checkpoint(obj: dict, path, *, keep_prev: bool = True) -> Path:
 
 
 # --------------------------------------------------------------------------- read
+def _file_kind(mode: int) -> str:
+    for test, name in ((stat.S_ISDIR, "a directory"), (stat.S_ISFIFO, "a FIFO"),
+                       (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"),
+                       (stat.S_ISSOCK, "a socket")):
+        if test(mode):
+            return name
+    return "not a regular file"
+
+
+def open_regular(path) -> tuple[Any, int]:
+    """(binary file object, size) of ``path``, which must be a regular file (symlinks to one are
+    fine). A FIFO, device, socket or directory raises :class:`CheckpointError` naming the path
+    before any read could block: the type is checked with ``os.stat``, the file opened with
+    ``O_NONBLOCK`` and checked again with ``fstat`` (so a swap in between is caught too).
+    FileNotFoundError when it does not exist."""
+    path = os.fspath(path)
+    st = os.stat(path)  # FileNotFoundError propagates
+    if not stat.S_ISREG(st.st_mode):
+        raise CheckpointError(f"{path}: not a regular file ({_file_kind(st.st_mode)}); "
+                              "checkpoints are read from regular files only")
+    try:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_BINARY", 0))
+    except FileNotFoundError:
+        raise
+    except OSError as e:
+        raise CheckpointError(f"{path}: cannot be read ({e.strerror or e})") from e
+    st = os.fstat(fd)
+    if not stat.S_ISREG(st.st_mode):
+        os.close(fd)
+        raise CheckpointError(f"{path}: not a regular file ({_file_kind(st.st_mode)}); "
+                              "checkpoints are read from regular files only")
+    return os.fdopen(fd, "rb"), st.st_size
+
+
 def read_payload(path) -> bytes:
-    """The verified payload bytes of a checkpoint file (raises :class:`CheckpointError`)."""
+    """The verified payload bytes of a checkpoint file (raises :class:`CheckpointError`). The
+    header's payload length is compared with the file's size before the payload is read."""
     path = Path(path)
-    if not path.exists():
-        raise CheckpointError(f"{path}: no such checkpoint")
-    data = path.read_bytes()
-    if len(data) < _HEADER.size or not data.startswith(MAGIC):
-        if data[:2] == b"PK" or data[:1] == b"\x80":
-            kind = "a plain torch.save file, not a vaebm checkpoint"
-        elif not data:
-            kind = "an empty file"
-        else:
-            kind = "not a vaebm checkpoint (unknown format)"
-        if len(data) < _HEADER.size and MAGIC.startswith(data[:8]) and data:
-            kind = f"truncated: {len(data)} bytes, shorter than the {_HEADER.size}-byte header"
-        raise CheckpointError(f"{path}: {kind}")
-    _, n, digest = _HEADER.unpack_from(data)
-    payload = data[_HEADER.size:]
-    if len(payload) < n:
-        raise CheckpointError(f"{path}: truncated: {len(payload)} of {n} payload bytes present "
-                              "(the write was interrupted or the copy is incomplete)")
-    if len(payload) > n:
-        raise CheckpointError(f"{path}: corrupt: {len(payload) - n} unexpected trailing bytes")
+    try:
+        f, size = open_regular(path)
+    except FileNotFoundError:
+        raise CheckpointError(f"{path}: no such checkpoint") from None
+    with f:
+        data = f.read(_HEADER.size)
+        if len(data) < _HEADER.size or not data.startswith(MAGIC):
+            if data[:2] == b"PK" or data[:1] == b"\x80":
+                kind = "a plain torch.save file, not a vaebm checkpoint"
+            elif not data:
+                kind = "an empty file"
+            else:
+                kind = "not a vaebm checkpoint (unknown format)"
+            if len(data) < _HEADER.size and MAGIC.startswith(data[:8]) and data:
+                kind = f"truncated: {len(data)} bytes, shorter than the {_HEADER.size}-byte header"
+            raise CheckpointError(f"{path}: {kind}")
+        _, n, digest = _HEADER.unpack_from(data)
+        have = size - _HEADER.size
+        if have < n:
+            raise CheckpointError(f"{path}: truncated: {have} of {n} payload bytes present "
+                                  "(the write was interrupted or the copy is incomplete)")
+        if have > n:
+            raise CheckpointError(f"{path}: corrupt: {have - n} unexpected trailing bytes")
+        payload = f.read(n + 1)  # one more: the file may have grown since fstat
+    if len(payload) != n:
+        raise CheckpointError(f"{path}: changed while being read ({len(payload)} payload bytes "
+                              f"read, the header says {n})")
     if hashlib.sha256(payload).digest() != digest:
         raise CheckpointError(f"{path}: corrupt: SHA-256 of the payload does not match its header")
     return payload
+
+
+def _check_records(payload: bytes, path) -> None:
+    """A payload is a torch.save zip archive whose records are stored, not compressed: a
+    compressed record (which torch.load would inflate) could expand a small file to any size.
+    Checked from the zip directory alone, before torch.load allocates anything."""
+    try:
+        with zipfile.ZipFile(io.BytesIO(payload)) as zf:
+            infos = zf.infolist()
+    except (zipfile.BadZipFile, ValueError, OSError) as e:
+        raise CheckpointError(f"{path}: cannot be loaded safely: the payload is not a torch.save "
+                              f"zip archive ({e})") from None
+    declared = sum(i.file_size for i in infos)
+    packed = [i.filename for i in infos if i.compress_type != zipfile.ZIP_STORED]
+    if packed or declared > len(payload):
+        raise CheckpointError(f"{path}: cannot be loaded safely: its zip records declare "
+                              f"{declared:,} bytes in a {len(payload):,}-byte payload "
+                              f"({len(packed)} compressed record(s)); torch.save stores records "
+                              "uncompressed, so the file was crafted or corrupted")
 
 
 def load_checkpoint(path, *, map_location="cpu", kind: str | None = None,
                     safe_globals: tuple = ()) -> dict:
     """Load a checkpoint written by :func:`save_checkpoint` with ``weights_only=True``.
     ``kind`` ("ebm", "vae"), when given, must match the stored one. ``safe_globals`` extends
-    :data:`SAFE_GLOBALS` for this call."""
+    :data:`SAFE_GLOBALS` for this call. Only regular files are read; payloads whose zip records
+    are compressed (or declare more bytes than the payload holds) are refused unread."""
     payload = read_payload(path)
+    _check_records(payload, path)
     allowed = list(SAFE_GLOBALS) + list(safe_globals)
     try:
         with torch.serialization.safe_globals(allowed):

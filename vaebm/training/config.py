@@ -70,7 +70,7 @@ class EBMConfig:
     log_every: int = 1
     sample_every: int = 0              # negative grids every n iterations (0: never)
     tensorboard: bool | None = None    # None: when installed
-    progress: bool = False
+    progress: bool | None = None       # None: on unless vaebm is quiet (VAEBM_QUIET, --quiet)
     # divergence handling
     max_energy_gap: float = 1e4        # |E_pos - E_neg| beyond this is a divergence
     max_grad_norm: float = 1e6
@@ -118,7 +118,7 @@ class VAEConfig:
     sample_every: int = 0
     n_samples: int = 64
     tensorboard: bool | None = None
-    progress: bool = False
+    progress: bool | None = None       # None: on unless vaebm is quiet (VAEBM_QUIET, --quiet)
     max_grad_norm: float = 1e8
     snapshot_every: int = 100
     divergence_lr_factor: float = 0.5

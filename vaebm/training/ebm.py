@@ -19,9 +19,10 @@ Inside the chain E sees the x-sample T(eps) as in the published code, unless
 
 Divergence (non-finite loss, |E+ - E-| above ``max_energy_gap``, gradient norm above
 ``max_grad_norm``) is caught before the optimiser step: the trainer rolls back to its last
-in-memory snapshot (taken every ``snapshot_every`` iterations; checkpoints on disk are never
-written from a bad state), halves the lr (or changes the chains' seed) and goes on; after
-``max_failures`` failures in a row it raises :class:`TrainingDiverged`.
+in-memory snapshot (taken at every multiple of ``snapshot_every`` iterations and carried by the
+checkpoints, so a resumed run rolls back where the uninterrupted one does; checkpoints on disk
+are never written from a bad state), halves the lr (or changes the chains' seed) and goes on;
+after ``max_failures`` failures in a row it raises :class:`TrainingDiverged`.
 """
 
 from __future__ import annotations
@@ -205,7 +206,7 @@ class EBMTrainer(TrainLoop):
         if path is None:
             return None
         if self.rank == 0:
-            save_checkpoint(self.state_dict(), path)
+            save_checkpoint(self._checkpoint_state(), path)
         elif self.buffer is not None:
             save_checkpoint({"kind": "ebm-buffer", "rank": self.rank,
                              "iteration": self.iteration, "buffer": self.buffer.state_dict()},

@@ -8,7 +8,8 @@
     total                  number of iterations to train (an int attribute or property)
     train_step(it, x)      -> (stats dict, divergence reason or None); no state change on
                            divergence
-    state_dict(...), load_state_dict(ck, restore_counters=...), save(path=None)
+    state_dict(...), load_state_dict(ck, restore_counters=...), save(path=None); save
+                           writes :meth:`TrainLoop._checkpoint_state` (state + rollback point)
     _fresh_start()         collectives and inits of a run that does not resume (inside the
                            logger's lifetime, after ``torch.manual_seed(cfg.seed)``)
     _after_iteration(it)   evaluation / sample grids once ``it`` iterations are complete
@@ -21,6 +22,17 @@
 The subclass ``__init__`` calls :meth:`_init_loop` first and :meth:`_open_data` where its data
 source should be built. Its history dict must hold ``"iteration"`` and ``"events"`` lists and one
 list per logged stat (plus an optional ``"eval"`` list, not a stat).
+
+Rollback points depend on the iteration only, never on when the process started: a snapshot is
+taken at the top of every iteration ``it`` with ``it % snapshot_every == 0`` (counted from 0; and
+at the first iteration of a process resuming a checkpoint that predates this rule), and every
+checkpoint carries the snapshot the loop holds (``ck["rollback"]``: a copy of it, or, when the
+checkpoint's own iteration is a snapshot iteration, just the note that the snapshot is the
+checkpoint's state, to be retaken on resume). A resumed process therefore rolls back to the same
+state as the uninterrupted one, with the same remedy, RNG states, replay buffer and counters. A
+rollback from iteration ``j`` to ``i`` drops the CSV rows of iterations ``>= i`` (they are run
+again) and records itself in ``events.log``; the in-memory ``history["events"]`` keeps every
+event across rollbacks.
 """
 
 from __future__ import annotations
@@ -233,6 +245,7 @@ class TrainLoop:
                 "(run(allow_config_change=True)) to continue with the new values, or train "
                 "into another folder")
         self.load_state_dict(ck)
+        self._snapshot = self._stored_rollback_point(ck)
         for what in refused:
             notes.append(f"config changed on resume (allowed): {what}")
         for what in free:
@@ -276,14 +289,52 @@ class TrainLoop:
         if self.iteration > self._fail_it:  # past the last failure: the streak is over
             self.guard.failures = 0
 
+    def _snapshot_due(self, it: int) -> bool:
+        """Whether the top of iteration ``it`` takes a snapshot: on the fixed schedule (every
+        ``snapshot_every`` iterations from 0), or when the loop holds none (a fresh start, a
+        checkpoint at a snapshot iteration, or one written before checkpoints carried it)."""
+        snap = self._snapshot
+        return snap is None or (it % self.cfg.snapshot_every == 0 and it != snap["iteration"])
+
+    def _rollback_point(self) -> dict | None:
+        """What a checkpoint of the current state stores of the rollback point, so that a
+        process resuming it holds the snapshot the uninterrupted one holds: at a snapshot
+        iteration (not yet taken) only a note, the loop's next top takes it from the restored
+        state, which is this one; else a copy of the snapshot held."""
+        snap = self._snapshot
+        if snap is None:
+            return None
+        if self._snapshot_due(self.iteration):
+            return {"iteration": self.iteration, "at_checkpoint": True}
+        return {"iteration": int(snap["iteration"]), "at_checkpoint": False, "state": snap}
+
+    def _checkpoint_state(self) -> dict:
+        """The dict a checkpoint holds: ``state_dict()`` and the rollback point."""
+        return {**self.state_dict(), "rollback": self._rollback_point()}
+
+    @staticmethod
+    def _stored_rollback_point(ck: dict) -> dict | None:
+        """The snapshot a loaded checkpoint carries (None: the loop takes one at its top)."""
+        rb = ck.get("rollback")
+        if not isinstance(rb, dict) or rb.get("at_checkpoint") or rb.get("state") is None:
+            return None
+        return rb["state"]
+
     def _rollback(self, it: int, reason: str) -> None:
         """Back to the last snapshot after a divergence at ``it``, with the remedy applied;
-        the guard raises :class:`~.checkpoint.TrainingDiverged` after max_failures in a row."""
+        the guard raises :class:`~.checkpoint.TrainingDiverged` after max_failures in a row.
+        The CSV rows of the iterations to run again are dropped."""
         self.guard.fail(reason, it)
         failures = self.guard.failures
         how = self._remedy()  # counters survive: loaded with restore_counters=False
-        self.load_state_dict(self._snapshot, restore_counters=False)
+        events = self.history["events"]  # a record of what happened: kept across the rollback
+        # a copy: the optimiser takes CPU tensors of a state dict as its own state and updates
+        # them in place, which would change the snapshot a later rollback returns to
+        self.load_state_dict(to_cpu(self._snapshot), restore_counters=False)
+        self.history["events"] = events
         self._fail_it = max(self._fail_it, it)
+        if self.logger is not None:
+            self.logger.rewind(self.iteration)
         self._event(f"divergence at iteration {it}: {reason}; rolled back to iteration "
                     f"{self.iteration} ({how}; failure {failures} of {self.cfg.max_failures})")
 
@@ -348,11 +399,11 @@ class TrainLoop:
             self._pending_events = []
             if not resume:
                 self._fresh_start()
-            self._take_snapshot()
+                self._snapshot = None
             it = self.iteration
             source = self._source(it)
             while it < self.total:
-                if it % cfg.snapshot_every == 0 and it != self._snapshot["iteration"]:
+                if self._snapshot_due(it):
                     self._take_snapshot()
                 it_data, x = next(source)
                 assert it_data == it

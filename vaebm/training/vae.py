@@ -209,7 +209,7 @@ class VAETrainer(TrainLoop):
         path = Path(path) if path else self.ckpt_path
         D.average_buffers(self.vae)  # BatchNorm statistics of all ranks, not rank 0's alone
         if path is not None and self.rank == 0:
-            save_checkpoint(self.state_dict(), path)
+            save_checkpoint(self._checkpoint_state(), path)
         D.barrier()
         return path
 

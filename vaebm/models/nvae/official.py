@@ -7,7 +7,9 @@ The published files are torch pickles written by NVAE's ``train.py``::
 
 Loading is safe: ``torch.load(weights_only=True)`` with ``argparse.Namespace`` as the only extra
 allow-listed global, so no code in the file runs; a file naming any other global is refused
-before anything is built. The architecture comes from ``args`` (:func:`nvae_args_to_config`), the
+before anything is built. Only regular files are opened; zip records must be stored (as
+torch.save writes them), not compressed; the model the ``args`` describe is sized on the meta
+device and refused when over :mod:`~vaebm.models.nvae.limits`' limits. The architecture comes from ``args`` (:func:`nvae_args_to_config`), the
 weights are mapped onto our modules by name (ours carry the published names):
 
 - ``*.weight_normalized`` entries are dropped: the published ``Conv2D`` without weight norm
@@ -27,6 +29,7 @@ from __future__ import annotations
 import argparse
 import os
 import pickle
+import stat
 import warnings
 import zipfile
 from collections.abc import Mapping
@@ -71,11 +74,18 @@ def read_nvae_checkpoint(path, map_location="cpu") -> dict:
     or a pickle that is not an NVAE checkpoint; FileNotFoundError if ``path`` does not exist.
     """
     path = os.fspath(path)
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"NVAE checkpoint not found: {path}")
-    if os.path.getsize(path) == 0:
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"NVAE checkpoint not found: {path}") from None
+    if not stat.S_ISREG(st.st_mode):  # a FIFO would block the reader, a device never end
+        raise NVAECheckpointError(f"{path}: not a regular file ({_file_kind(st.st_mode)}); "
+                                  "checkpoints are read from regular files only")
+    if st.st_size == 0:
         raise NVAECheckpointError(f"{path}: empty file, not an NVAE checkpoint")
     is_zip = zipfile.is_zipfile(path)
+    if is_zip:
+        _check_zip_records(path, st.st_size)
     unsafe = _unsafe_globals(path) if is_zip else []
     if unsafe:
         raise NVAECheckpointError(
@@ -100,6 +110,32 @@ def read_nvae_checkpoint(path, map_location="cpu") -> dict:
             f"{path}: truncated or corrupt checkpoint file ({type(e).__name__}: {_reason(e)})"
         ) from None
     return _check_structure(ckpt, path)
+
+
+def _file_kind(mode: int) -> str:
+    for test, name in ((stat.S_ISDIR, "a directory"), (stat.S_ISFIFO, "a FIFO"),
+                       (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"),
+                       (stat.S_ISSOCK, "a socket")):
+        if test(mode):
+            return name
+    return "not a regular file"
+
+
+def _check_zip_records(path: str, file_bytes: int) -> None:
+    """torch.save writes its zip records uncompressed; a compressed record could expand to any
+    size when torch.load reads it, so records must not declare more bytes than the file has."""
+    try:
+        with zipfile.ZipFile(path) as zf:
+            infos = zf.infolist()
+    except (zipfile.BadZipFile, OSError, ValueError):  # torch.load reports it with its reason
+        return
+    declared = sum(i.file_size for i in infos)
+    packed = [i.filename for i in infos if i.compress_type != zipfile.ZIP_STORED]
+    if declared > file_bytes or packed:
+        raise NVAECheckpointError(
+            f"{path}: refusing to load: its zip records declare {declared:,} bytes in a "
+            f"{file_bytes:,}-byte file ({len(packed)} compressed record(s), e.g. {packed[:3]}); "
+            "torch.save stores records uncompressed, so this file was crafted or corrupted")
 
 
 def _unsafe_globals(path: str) -> list[str]:
@@ -261,8 +297,12 @@ def load_nvae_checkpoint(path, map_location="cpu", strict: bool = True):
     ``strict``: unknown or missing weights raise :class:`NVAECheckpointError` naming them;
     otherwise the matching weights load and the rest are listed in ``info`` and warned about.
     Shape mismatches always raise (args and weights disagree). Unsafe, truncated or foreign files
-    raise :class:`NVAECheckpointError` before any model is built (:func:`read_nvae_checkpoint`).
+    raise :class:`NVAECheckpointError` before any model is built (:func:`read_nvae_checkpoint`),
+    and so do args out of range or describing a model larger than the file can hold or than
+    ``$VAEBM_MAX_MODEL_BYTES`` allows (:mod:`vaebm.models.nvae.limits`): sizes and weight shapes
+    are checked on a meta-device model before the real one is allocated.
     """
+    from .limits import check_nvae_config
     from .model import NVAE
 
     simple = map_location is None or isinstance(map_location, (str, torch.device))
@@ -272,8 +312,12 @@ def load_nvae_checkpoint(path, map_location="cpu", strict: bool = True):
     path = os.fspath(path)
     arch = ckpt.get("arch_instance")
     config = nvae_args_to_config(ckpt["args"], arch if isinstance(arch, Mapping) else None)
-    model = NVAE(config)
-    sd, report = convert_state_dict(ckpt["state_dict"], model)
+    # nothing real is allocated before the args' size and the weights' shapes are checked: the
+    # comparison runs against the model built on the meta device
+    meta = check_nvae_config(config, path=path, file_bytes=os.path.getsize(path),
+                             error=NVAECheckpointError)
+    sd, report = convert_state_dict(ckpt["state_dict"], meta)
+    del meta
     bad = report["shape_mismatch"]
     if bad:
         shown = ", ".join(f"{k} file {a} vs model {b}" for k, (a, b) in list(bad.items())[:10])
@@ -291,6 +335,7 @@ def load_nvae_checkpoint(path, map_location="cpu", strict: bool = True):
                                   + "; ".join(problems) + " (strict=False loads the rest)")
     if problems:
         warnings.warn(f"{path}: loaded with " + "; ".join(problems), stacklevel=2)
+    model = NVAE(config)
     model.load_state_dict(sd, strict=False)
     device = (torch.device(map_location if map_location is not None else "cpu") if simple
               else ckpt["state_dict"]["prior_ftr0"].device)
