@@ -177,6 +177,10 @@ def test_energy_checkpoint_whose_config_implies_gigabytes_is_refused_before_buil
     msg = refused_quickly(lambda: load_ebm(p), CheckpointError,
                           "refusing to build the stored energy net")
     assert msg.startswith(str(p)) and "GiB" in msg
+    from vaebm.training import load_energy  # the training module's loader takes the same checks
+    msg = refused_quickly(lambda: load_energy(p), CheckpointError,
+                          "refusing to build the stored energy net")
+    assert msg.startswith(str(p))
 
 
 def test_stride_zero_weights_do_not_stand_for_a_model_the_file_cannot_hold(tmp_path):

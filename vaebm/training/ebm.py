@@ -369,17 +369,11 @@ class EBMTrainer(TrainLoop):
 
 def load_energy(path, *, map_location="cpu"):
     """Rebuild the :class:`~vaebm.models.EnergyNet` of a stage-2 checkpoint (its stored
-    ``energy_config``) with the trained weights, in eval mode. Returns (net, checkpoint)."""
-    from ..models.energy import EnergyNet
-    ck, _ = load_latest(path, kind="ebm", map_location=map_location)
-    conf = ck.get("energy_config")
-    if not conf:
-        raise CheckpointError(f"{path}: no energy_config stored (energy net was not an "
-                              "EnergyNet); build the network yourself and load ck['energy']")
-    net = EnergyNet(conf["preset"], width=conf["width"], in_channels=conf["in_channels"],
-                    resolution=conf["resolution"])
-    net.load_state_dict(ck["energy"])
-    return net.eval(), ck
+    ``energy_config``) with the trained weights, in eval mode. Returns (net, checkpoint).
+    The stored config and tensors are checked before anything is allocated
+    (:func:`vaebm.loading.load_ebm`, which this is)."""
+    from ..loading import load_ebm
+    return load_ebm(path, map_location=map_location)
 
 
 def train_ebm(vae, energy, data, cfg: EBMConfig | None = None, *, resume="auto", callback=None,
