@@ -21,6 +21,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <cfloat>
 #include <cstdlib>
 #include <cstring>
 #include <vector>
@@ -129,6 +130,13 @@ struct V {
     b = _mm256_add_epi64(a, _mm256_set1_epi64x(2));
   }
   static I pack_lo(I a, I b) { return asi(_mm256_shuffle_ps(asf(a), asf(b), 0x88)); }
+  // 32-bit words u[0..W-1] into the two half-batches of 64-bit lanes that pack_lo reassembles
+  // in order (the layout of group_lanes)
+  static I loadu_i(const uint32_t* p) { return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)); }
+  static void split_lanes(I u, I& a, I& b) {
+    a = _mm256_unpacklo_epi32(u, _mm256_setzero_si256());
+    b = _mm256_unpackhi_epi32(u, _mm256_setzero_si256());
+  }
   static F cvt(I a) { return _mm256_cvtepi32_ps(a); }
   static I cvt_nearest(F a) { return _mm256_cvtps_epi32(a); }
   static F asf(I a) { return _mm256_castsi256_ps(a); }
@@ -240,6 +248,11 @@ struct V {
     b = _mm512_add_epi64(a, _mm512_set1_epi64(2));
   }
   static I pack_lo(I a, I b) { return asi(_mm512_shuffle_ps(asf(a), asf(b), 0x88)); }
+  static I loadu_i(const uint32_t* p) { return _mm512_loadu_si512(p); }
+  static void split_lanes(I u, I& a, I& b) {
+    a = _mm512_unpacklo_epi32(u, _mm512_setzero_si512());
+    b = _mm512_unpackhi_epi32(u, _mm512_setzero_si512());
+  }
   static F cvt(I a) { return _mm512_cvtepi32_ps(a); }
   static I cvt_nearest(F a) { return _mm512_cvtps_epi32(a); }
   static F asf(I a) { return _mm512_castsi512_ps(a); }
@@ -347,15 +360,28 @@ Isa detect_isa() {
 
 const Isa kIsa = detect_isa();
 
+// A work item: elements [j0, j1) of sample i of tensor k; or, for a narrow tensor (j0 < 0),
+// the whole rows i .. j1 - 1 of tensor k, done by the lanes-over-samples kernel.
 struct Item {
   int64_t k, i, j0, j1;
 };
 
-// (tensor, sample, chunk) work items, in a fixed order.
-std::vector<Item> work_items(const std::vector<at::Tensor>& xs) {
+// Rows shorter than one SIMD step of the wide kernel (4 W NB = 128 elements for both ISAs) go
+// to the narrow kernel, whose lanes are samples; the scalar build keeps the per-row path.
+constexpr int64_t kNarrow = 128;
+
+bool narrow_rows(int64_t n) { return kIsa != Isa::kScalar && n < kNarrow; }
+
+// (tensor, sample, chunk) work items, or (tensor, row range) for narrow tensors, in a fixed order.
+std::vector<Item> work_items(const std::vector<at::Tensor>& xs, bool narrow = true) {
   std::vector<Item> items;
   for (int64_t k = 0; k < int64_t(xs.size()); ++k) {
     const int64_t B = xs[k].size(0), n = xs[k].numel() / B;
+    if (narrow && narrow_rows(n)) {
+      const int64_t rows = std::max<int64_t>(16, (kChunk / n) & ~int64_t(15));
+      for (int64_t i = 0; i < B; i += rows) items.push_back({k, i, -1, std::min(B, i + rows)});
+      continue;
+    }
     for (int64_t i = 0; i < B; ++i)
       for (int64_t j = 0; j < n; j += kChunk) items.push_back({k, i, j, std::min(n, j + kChunk)});
   }
@@ -414,30 +440,100 @@ void reduce_span_any(const T* x, const T* g, const T* o, const Span& s, const Pa
   }
 }
 
-Span span_of(const Item& it, int64_t sample_offset, const float* gscale, const int32_t* mode) {
-  return Span{it.j0, it.j1, uint32_t(sample_offset + it.i), uint32_t(it.k),
+Span span_of(const Item& it, const uint32_t* sid, const float* gscale, const int32_t* mode) {
+  return Span{it.j0, it.j1, sid ? sid[it.i] : 0u, uint32_t(it.k),
               gscale ? gscale[it.i] : 1.f, mode ? mode[it.i] : int(kModeUpdate)};
 }
 
 template <class T>
+void update_narrow_any(const T* x, const T* g, T* o, int64_t n, const Item& it,
+                       const uint32_t* sid, const float* gscale, const int32_t* mode,
+                       const Params& p) {
+  if (kIsa == Isa::kAvx512)
+    return avx512::update_narrow(x, g, o, n, it.i, it.j1, uint32_t(it.k), sid, gscale, mode, p);
+  return avx2::update_narrow(x, g, o, n, it.i, it.j1, uint32_t(it.k), sid, gscale, mode, p);
+}
+
+// The Philox sample id of each row: chain_ids when given, else sample_offset + row.
+std::vector<uint32_t> sample_ids(int64_t B, int64_t sample_offset, const int64_t* chain_ids) {
+  std::vector<uint32_t> sid(size_t(B) + 16);  // padded: the narrow kernel loads W at a time
+  for (int64_t i = 0; i < B; ++i) sid[i] = uint32_t(chain_ids ? chain_ids[i] : sample_offset + i);
+  return sid;
+}
+
+template <class T>
 void update_impl(const std::vector<at::Tensor>& xs, const std::vector<at::Tensor>& gs,
-                 const std::vector<at::Tensor>& os, const Params& p, int64_t sample_offset,
+                 const std::vector<at::Tensor>& os, const Params& p, const uint32_t* sid,
                  const float* gscale, const int32_t* mode) {
   const auto items = work_items(xs);
   int64_t total = 0;
   for (const auto& x : xs) total += x.numel();
   for_items(items, total, [&](int64_t t) {
     const Item& it = items[t];
-    const int64_t n = xs[it.k].numel() / xs[it.k].size(0), row = it.i * n;
-    update_span_any(xs[it.k].const_data_ptr<T>() + row, gs[it.k].const_data_ptr<T>() + row,
-                    os[it.k].data_ptr<T>() + row, span_of(it, sample_offset, gscale, mode), p);
+    const int64_t n = xs[it.k].numel() / xs[it.k].size(0);
+    const T* x = xs[it.k].const_data_ptr<T>();
+    const T* g = gs[it.k].const_data_ptr<T>();
+    T* o = os[it.k].data_ptr<T>();
+    if (it.j0 < 0) return update_narrow_any(x, g, o, n, it, sid, gscale, mode, p);
+    const int64_t row = it.i * n;
+    update_span_any(x + row, g + row, o + row, span_of(it, sid, gscale, mode), p);
   });
+}
+
+// Per-sample sums (langevin_ref.reduce_ref columns 0 and 1: clipped |g|^2 and the non-finite
+// count) over every tensor, one thread per sample row, each row summed in a fixed order.
+template <class T>
+void reduce_rows(const std::vector<at::Tensor>& xs, const std::vector<at::Tensor>& gs,
+                 const Params& p, double* acc /* B x 4 */) {
+  const int64_t B = xs[0].size(0);
+  int64_t total = 0;
+  for (const auto& x : xs) total += x.numel();
+  const size_t K = xs.size();
+  std::vector<const T*> xp(K), gp(K);
+  std::vector<int64_t> ns(K);
+  for (size_t k = 0; k < K; ++k) {  // (tensor accessors cost ns per call: hoisted out of rows)
+    xp[k] = xs[k].const_data_ptr<T>();
+    gp[k] = gs[k].const_data_ptr<T>();
+    ns[k] = xs[k].numel() / B;
+  }
+  auto body = [&](int64_t b0, int64_t b1) {
+    for (int64_t i = b0; i < b1; ++i) {
+      double* a = acc + 4 * i;
+      a[0] = a[1] = a[2] = a[3] = 0.0;
+      for (size_t k = 0; k < K; ++k) {
+        const int64_t n = ns[k], row = i * n;
+        const T* x = xp[k] + row;
+        const T* g = gp[k] + row;
+        if (n < kNarrow || kIsa == Isa::kScalar) {  // columns 0 and 1 only: a tight loop
+          double g2 = 0.0;
+          int64_t nb = 0;
+          for (int64_t j = 0; j < n; ++j) {
+            const float xv = float(x[j]), graw = float(g[j]);
+            nb += !(std::fabs(xv) <= FLT_MAX) + !(std::fabs(graw) <= FLT_MAX);
+            const float gv = p.cv > 0.f ? clamp_keep_nan(graw, -p.cv, p.cv) : graw;
+            g2 += double(gv) * gv;
+          }
+          a[0] += g2;
+          a[1] += double(nb);
+          continue;
+        }
+        for (int64_t j = 0; j < n; j += kChunk) {
+          const Span s{j, std::min(n, j + kChunk), 0u, uint32_t(k), 1.f, int(kModeUpdate)};
+          reduce_span_any(x, g, static_cast<const T*>(nullptr), s, p, a);
+        }
+      }
+    }
+  };
+  if (total < 4 * kChunk)
+    body(0, B);
+  else
+    at::parallel_for(0, B, 1, body);
 }
 
 template <class T>
 at::Tensor reduce_impl(const std::vector<at::Tensor>& xs, const std::vector<at::Tensor>& gs,
                        const std::vector<at::Tensor>* os, const Params& p, const float* gscale) {
-  const auto items = work_items(xs);
+  const auto items = work_items(xs, /*narrow=*/false);  // per-row partial sums
   int64_t total = 0;
   for (const auto& x : xs) total += x.numel();
   std::vector<double> part(items.size() * 4, 0.0);  // per item: summed in a fixed order below
@@ -446,7 +542,7 @@ at::Tensor reduce_impl(const std::vector<at::Tensor>& xs, const std::vector<at::
     const int64_t n = xs[it.k].numel() / xs[it.k].size(0), row = it.i * n;
     reduce_span_any(xs[it.k].const_data_ptr<T>() + row, gs[it.k].const_data_ptr<T>() + row,
                     os ? (*os)[it.k].const_data_ptr<T>() + row : nullptr,
-                    span_of(it, 0, gscale, nullptr), p, &part[4 * t]);
+                    span_of(it, nullptr, gscale, nullptr), p, &part[4 * t]);
   });
   const int64_t B = xs[0].size(0);
   std::vector<double> acc(B * 4, 0.0);
@@ -472,11 +568,20 @@ const float* opt_ptr_f32(const std::optional<at::Tensor>& t, int64_t B, const ch
   return t->const_data_ptr<float>();
 }
 
+const int64_t* chain_ids_ptr(const std::optional<at::Tensor>& t, int64_t B) {
+  if (!t) return nullptr;
+  TORCH_CHECK(t->scalar_type() == at::kLong && t->is_contiguous() && t->numel() == B &&
+                  t->device().is_cpu(),
+              "chain_ids must be a contiguous int64 CPU tensor of shape (B,)");
+  return t->const_data_ptr<int64_t>();
+}
+
 void langevin_update_(at::TensorList states, at::TensorList grads, at::TensorList outs,
                       const at::Tensor& step, int64_t seed_lo, int64_t seed_hi,
                       int64_t sample_offset, double a, double b, double lam, double clip_value,
                       double lo, double hi, const std::optional<at::Tensor>& gscale,
-                      const std::optional<at::Tensor>& mode) {
+                      const std::optional<at::Tensor>& mode,
+                      const std::optional<at::Tensor>& chain_ids) {
   const std::vector<at::Tensor> xs = states.vec(), gs = grads.vec(), os = outs.vec();
   check_lists(xs, gs, &os);
   TORCH_CHECK(step.numel() == 1 && step.device().is_cpu(), "step must be a 1-element CPU tensor");
@@ -492,9 +597,92 @@ void langevin_update_(at::TensorList states, at::TensorList grads, at::TensorLis
            float(a), float(b), float(lam), float(clip_value), float(lo), float(hi),
            std::isfinite(lo) || std::isfinite(hi), {}};
   p.schedule_keys();
+  const auto sid = sample_ids(B, sample_offset, chain_ids_ptr(chain_ids, B));
   dispatch_dtype(xs[0].scalar_type(), [&](auto tag) {
-    update_impl<decltype(tag)>(xs, gs, os, p, sample_offset, gsp, modep);
+    update_impl<decltype(tag)>(xs, gs, os, p, sid.data(), gsp, modep);
   });
+}
+
+// One whole unadjusted step of FusedLangevin in one call (spec: langevin_ref.step_ref):
+//   per sample i: g2_i = sum clip(g)^2, bad_i = E_i or any x, g non-finite;
+//   s_i = min(1, clip_norm / (sqrt(g2_i) + 1e-12)) (clip_norm > 0), mode_i from bad_i and guard
+//   (0: none, 1: keep the old state, 2: restart from N(0, I));
+//   x <- the update of langevin_update_ with (s_i, mode_i), in place;
+//   the statistics row step % capacity gets E_i (NaN where non-finite), sqrt(g2_i), accepted =
+//   !guarded_i, guarded_i; n_guarded += sum guarded_i; then step += 1.
+// The per-sample verdict needs all of a sample's gradient before the first element is written,
+// so g is read twice: once here (per row, from memory) and once by the update.
+void langevin_step_(at::TensorList states, at::TensorList grads,
+                    const std::optional<at::Tensor>& energy, const at::Tensor& step,
+                    int64_t seed_lo, int64_t seed_hi, int64_t sample_offset,
+                    const std::optional<at::Tensor>& chain_ids, double a, double b, double lam,
+                    double clip_value, double clip_norm, double lo, double hi, int64_t guard,
+                    const std::optional<at::Tensor>& rec,
+                    const std::optional<at::Tensor>& n_guarded) {
+  const std::vector<at::Tensor> xs = states.vec(), gs = grads.vec();
+  check_lists(xs, gs, nullptr);
+  TORCH_CHECK(step.numel() == 1 && step.device().is_cpu() && step.scalar_type() == at::kLong &&
+                  step.is_contiguous(),
+              "step must be a 1-element int64 CPU tensor");
+  TORCH_CHECK(guard >= 0 && guard <= 2, "guard must be 0 (none), 1 (keep) or 2 (reset)");
+  const int64_t B = xs[0].size(0);
+  const float* ep = opt_ptr_f32(energy, B, "energy");
+  const int64_t* cid = chain_ids_ptr(chain_ids, B);
+  int64_t cap = 0;
+  if (rec) {
+    TORCH_CHECK(n_guarded && n_guarded->scalar_type() == at::kLong && n_guarded->numel() == 1,
+                "n_guarded must be a 1-element int64 tensor");
+    TORCH_CHECK(rec->dim() == 3 && rec->size(1) == 4 && rec->size(2) == B &&
+                    rec->scalar_type() == at::kFloat && rec->is_contiguous() &&
+                    rec->device().is_cpu() && rec->size(0) > 0,
+                "rec must be a contiguous float32 CPU (rows, 4, B) tensor");
+    cap = rec->size(0);
+  }
+  int64_t* stepp = step.data_ptr<int64_t>();
+  Params p{uint32_t(seed_lo), uint32_t(seed_hi), uint32_t(*stepp),
+           float(a), float(b), float(lam), float(clip_value), float(lo), float(hi),
+           std::isfinite(lo) || std::isfinite(hi), {}};
+  p.schedule_keys();
+  const bool need = guard != 0 || clip_norm > 0 || rec;
+  std::vector<double> acc(need ? size_t(B) * 4 : 0);
+  std::vector<float> gsv(clip_norm > 0 ? B : 0), g2f(need ? B : 0);
+  std::vector<int32_t> modev(guard != 0 ? B : 0);
+  std::vector<uint8_t> bad(need ? B : 0);
+  int64_t n_bad = 0;
+  dispatch_dtype(xs[0].scalar_type(), [&](auto tag) {
+    using T = decltype(tag);
+    if (need) reduce_rows<T>(xs, gs, p, acc.data());
+    for (int64_t i = 0; need && i < B; ++i) {
+      g2f[i] = float(acc[4 * i]);
+      bad[i] = (ep && !std::isfinite(ep[i])) || acc[4 * i + 1] > 0;
+      if (clip_norm > 0) {
+        const float s = float(clip_norm) / (std::sqrt(g2f[i]) + 1e-12f);
+        gsv[i] = s < 1.f ? s : 1.f;
+      }
+      if (guard != 0) {
+        modev[i] = bad[i] ? (guard == 2 ? int32_t(kModeReset) : int32_t(kModeKeep))
+                          : int32_t(kModeUpdate);
+        n_bad += bad[i];
+      }
+    }
+    const auto sid = sample_ids(B, sample_offset, cid);
+    update_impl<T>(xs, gs, xs, p, sid.data(), clip_norm > 0 ? gsv.data() : nullptr,
+                   guard != 0 ? modev.data() : nullptr);
+  });
+  if (rec) {
+    const int64_t row = ((*stepp % cap) + cap) % cap;
+    float* r = rec->data_ptr<float>() + row * 4 * B;  // energy, grad norm, accepted, guarded
+    for (int64_t i = 0; i < B; ++i) {
+      const float e = ep ? ep[i] : 0.f;
+      const bool gd = guard != 0 && bad[i];
+      r[i] = std::isfinite(e) ? e : NAN;
+      r[B + i] = std::sqrt(g2f[i]);
+      r[2 * B + i] = gd ? 0.f : 1.f;
+      r[3 * B + i] = gd ? 1.f : 0.f;
+    }
+    *n_guarded->data_ptr<int64_t>() += n_bad;
+  }
+  *stepp += 1;
 }
 
 at::Tensor langevin_reduce(at::TensorList states, at::TensorList grads,
@@ -519,12 +707,18 @@ at::Tensor langevin_reduce(at::TensorList states, at::TensorList grads,
 TORCH_LIBRARY(vaebm_cpu, m) {
   m.def("langevin_update_(Tensor[] states, Tensor[] grads, Tensor(a!)[] outs, Tensor step, "
         "int seed_lo, int seed_hi, int sample_offset, float a, float b, float lam, "
-        "float clip_value, float lo, float hi, Tensor? gscale, Tensor? mode) -> ()");
+        "float clip_value, float lo, float hi, Tensor? gscale, Tensor? mode, "
+        "Tensor? chain_ids=None) -> ()");
   m.def("langevin_reduce(Tensor[] states, Tensor[] grads, Tensor[]? others, float a, float lam, "
         "float clip_value, Tensor? gscale) -> Tensor");
+  m.def("langevin_step_(Tensor(a!)[] states, Tensor[] grads, Tensor? energy, Tensor(b!) step, "
+        "int seed_lo, int seed_hi, int sample_offset, Tensor? chain_ids, float a, float b, "
+        "float lam, float clip_value, float clip_norm, float lo, float hi, int guard, "
+        "Tensor(c!)? rec, Tensor(d!)? n_guarded) -> ()");
 }
 
 TORCH_LIBRARY_IMPL(vaebm_cpu, CPU, m) {
   m.impl("langevin_update_", &vaebm::cpu::langevin_update_);
   m.impl("langevin_reduce", &vaebm::cpu::langevin_reduce);
+  m.impl("langevin_step_", &vaebm::cpu::langevin_step_);
 }

@@ -173,6 +173,79 @@ void update_span(const T* x, const T* g, T* o, const Span& s, const Params& p) {
   }
 }
 
+// ---- narrow rows (fewer elements per sample than one SIMD step): lanes = samples ----
+// A row of n < STEP elements would run entirely in the scalar tail above. Here lane l of a vector
+// is sample row r + l instead, so its counter (group, sample id, step, stream | tensor) differs
+// from its neighbours' in word 1: Philox runs in full (no row constants), W samples side by side,
+// then Box-Muller on W lanes; the few elements of each row are updated in scalar.
+
+// Philox4x32-10 on K batches of W / 2 counters with every word per lane (low 32 bits of a lane).
+template <int K>
+inline void philox_lanes(I (&c)[K][4], const uint32_t* key) {
+  for (int r = 0; r < 10; ++r)
+    for (int h = 0; h < K; ++h) {
+      const I p0 = V::mul_wide(c[h][0], 0xD2511F53u), p1 = V::mul_wide(c[h][2], 0xCD9E8D57u);
+      c[h][0] = V::xor3(V::high_half(p1), c[h][1], V::iset(key[2 * r]));
+      c[h][2] = V::xor3(V::high_half(p0), c[h][3], V::iset(key[2 * r + 1]));
+      c[h][1] = p1;
+      c[h][3] = p0;
+    }
+}
+
+// n[q][l]: normal q (element 4 grp + q) of the sample with Philox id ids[l], l < W.
+inline void normals_lanes(uint32_t grp, const uint32_t* ids, uint32_t word3, const Params& p,
+                          float (*n)[W]) {
+  I c[2][4];
+  V::split_lanes(V::loadu_i(ids), c[0][1], c[1][1]);
+  for (int h = 0; h < 2; ++h) {
+    c[h][0] = V::iset(grp);
+    c[h][2] = V::iset(p.step);
+    c[h][3] = V::iset(word3);
+  }
+  philox_lanes(c, p.key);
+  F n0, n1, n2, n3;
+  box_muller(V::pack_lo(c[0][0], c[1][0]), V::pack_lo(c[0][1], c[1][1]), n0, n1);
+  box_muller(V::pack_lo(c[0][2], c[1][2]), V::pack_lo(c[0][3], c[1][3]), n2, n3);
+  V::store(n[0], n0);
+  V::store(n[1], n1);
+  V::store(n[2], n2);
+  V::store(n[3], n3);
+}
+
+// Rows [r0, r1) of a tensor with n elements per row (x, g, o point at row 0). sid: the Philox
+// sample id of each row; gscale, mode: per row or null.
+template <class T>
+void update_narrow(const T* x, const T* g, T* o, int64_t n, int64_t r0, int64_t r1,
+                   uint32_t tensor, const uint32_t* sid, const float* gscale,
+                   const int32_t* mode, const Params& p) {
+  alignas(64) float nz[4][W];
+  alignas(64) uint32_t ids[W];
+  const uint32_t w3 = (uint32_t(kStreamNoise) << 24) | tensor;
+  const uint64_t seed = uint64_t(p.k1) << 32 | p.k0;
+  for (int64_t r = r0; r < r1; r += W) {
+    const int m = int(std::min<int64_t>(W, r1 - r));
+    for (int l = 0; l < W; ++l) ids[l] = sid[r + std::min(l, m - 1)];
+    for (int64_t j = 0; j < n; j += 4) {
+      normals_lanes(uint32_t(j >> 2), ids, w3, p, nz);
+      const int64_t q1 = std::min<int64_t>(4, n - j);
+      for (int l = 0; l < m; ++l) {
+        const int64_t at = (r + l) * n + j;
+        const int md = mode ? mode[r + l] : int(kModeUpdate);
+        if (md == kModeKeep) {  // a rejected step: the old state, bit for bit
+          if (o != x) std::memcpy(o + at, x + at, size_t(q1) * sizeof(T));
+          continue;
+        }
+        float xi[4] = {nz[0][l], nz[1][l], nz[2][l], nz[3][l]};
+        const bool reset = md == kModeReset;
+        if (reset)
+          philox_normal4(seed, philox_counter(uint64_t(j >> 2), ids[l], p.step, tensor,
+                                              kStreamReset), xi);
+        update_elems(x + at, g + at, o + at, xi, q1, gscale ? gscale[r + l] : 1.f, reset, p);
+      }
+    }
+  }
+}
+
 // Adds the span's four per-sample sums (see langevin_ref.reduce_ref) to acc, in double.
 template <class T>
 void reduce_span(const T* x, const T* g, const T* o, const Span& s, const Params& p,

@@ -20,11 +20,13 @@ def load() -> None:
 
 
 def update_(states, grads, outs, *, step, seed, sample_offset, a, b, lam, clip_value, lo, hi,
-            gscale=None, mode=None):
+            gscale=None, mode=None, chain_ids=None):
     # the 64-bit seed travels as two 32-bit halves (an int64 schema argument cannot hold 2**63+)
     torch.ops.vaebm_cpu.langevin_update_(states, grads, outs, step, seed & _MASK, seed >> 32,
                                          sample_offset, a, b, lam, clip_value, lo, hi, gscale,
-                                         mode)
+                                         mode, chain_ids)
+
+CHAIN_IDS = True  # update_ takes chain_ids (the other backends fall back to the reference)
 
 
 def reduce(states, grads, others, *, a, lam, clip_value, gscale=None):

@@ -89,13 +89,15 @@ def langevin_update_(states, grads, outs=None, *, seed: int, step=0, sample_offs
                      step_size: float, lam: float = 0.0, sigma: float = 1.0,
                      clip_value: float | None = None, clamp: tuple[float, float] | None = None,
                      gscale: torch.Tensor | None = None, mode: torch.Tensor | None = None,
-                     backend: str | None = None) -> None:
+                     chain_ids: torch.Tensor | None = None, backend: str | None = None) -> None:
     """One fused Langevin update of every tensor in ``states``, in one launch.
 
     ``outs[k] <- states[k] - eta/2 * (gscale_i * clip(grads[k]) + lam * states[k])
     + sigma * sqrt(eta) * xi`` with Philox noise ``xi`` keyed by (seed, step, sample_offset + i,
     element). ``outs`` defaults to ``states`` (in place). ``mode`` (B,) int32 selects per sample
-    update (0), keep (1) or reset to N(0, I) (2). See :mod:`vaebm.ops.langevin_ref`.
+    update (0), keep (1) or reset to N(0, I) (2). ``chain_ids`` (B,) int64, if given, replace
+    ``sample_offset + i`` as the rows' Philox sample ids (the ``cpp`` kernel takes them; the
+    ``triton`` and ``cuda`` backends then run the reference). See :mod:`vaebm.ops.langevin_ref`.
     """
     states = _as_list(states, "state")
     grads = _as_list(grads, "grads")
@@ -122,8 +124,16 @@ def langevin_update_(states, grads, outs=None, *, seed: int, step=0, sample_offs
                 gscale=gscale, mode=mode)
     name, mod = _pick(states, backend)
     step_t = _step_tensor(step, dev)
+    if chain_ids is not None:
+        if chain_ids.shape != (B,):
+            raise ValueError(f"chain_ids must have shape ({B},), got {tuple(chain_ids.shape)}")
+        chain_ids = chain_ids.to(device=dev, dtype=torch.int64).contiguous()
+        if not getattr(mod, "CHAIN_IDS", False):
+            mod = None
+        else:
+            args["chain_ids"] = chain_ids
     if mod is None:
-        return update_ref(states, grads, outs, step=step_t, **args)
+        return update_ref(states, grads, outs, step=step_t, samples=chain_ids, **args)
     cs = [x.contiguous() for x in states]
     cg = [g.contiguous() for g in grads]
     # a non-contiguous output is written through a contiguous buffer, then copied back

@@ -33,10 +33,11 @@ from .philox import STREAM_NOISE, STREAM_RESET, philox_normal_rows
 MODE_UPDATE, MODE_KEEP, MODE_RESET = 0, 1, 2
 
 
-def _noise(seed, step, sample_offset, k, shape, device, stream):
+def _noise(seed, step, sample_offset, k, shape, device, stream, samples=None):
     B, n = shape[0], math.prod(shape[1:])
-    samples = torch.arange(sample_offset, sample_offset + B, device=device)
-    return philox_normal_rows(seed, step, samples, n, k, stream).reshape(shape)
+    if samples is None:
+        samples = torch.arange(sample_offset, sample_offset + B, device=device)
+    return philox_normal_rows(seed, step, samples.to(device), n, k, stream).reshape(shape)
 
 
 def _clip(g: torch.Tensor, clip_value: float) -> torch.Tensor:
@@ -49,19 +50,21 @@ def _per_sample(v: torch.Tensor | None, ndim: int):
 
 
 def update_ref(states, grads, outs, *, seed, step, sample_offset, a, b, lam, clip_value, lo, hi,
-               gscale=None, mode=None):
-    """Reference of ``langevin_update_``: writes ``outs[k]`` (which may alias ``states[k]``)."""
+               gscale=None, mode=None, samples=None):
+    """Reference of ``langevin_update_``: writes ``outs[k]`` (which may alias ``states[k]``).
+    ``samples`` (B,) int64, if given, are the Philox sample ids of the rows (chain ids) instead
+    of ``sample_offset + i``."""
     a, b, lam = (torch.tensor(v, dtype=torch.float32) for v in (a, b, lam))
     for k, (x, g, out) in enumerate(zip(states, grads, outs)):
         xf = x.float()
         gf = _clip(g.float(), clip_value)
         if gscale is not None:
             gf = gf * _per_sample(gscale, x.ndim)
-        xi = _noise(seed, step, sample_offset, k, x.shape, x.device, STREAM_NOISE)
+        xi = _noise(seed, step, sample_offset, k, x.shape, x.device, STREAM_NOISE, samples)
         y = xf - a.to(x.device) * (gf + lam.to(x.device) * xf) + b.to(x.device) * xi
         if mode is not None:
             m = _per_sample(mode, x.ndim)
-            reset = _noise(seed, step, sample_offset, k, x.shape, x.device, STREAM_RESET)
+            reset = _noise(seed, step, sample_offset, k, x.shape, x.device, STREAM_RESET, samples)
             y = torch.where(m == MODE_RESET, reset, y)
         if lo != -math.inf or hi != math.inf:
             y = y.clamp(lo, hi)
@@ -87,3 +90,48 @@ def reduce_ref(states, grads, others=None, *, a, lam, clip_value, gscale=None):
             d = others[k].float().reshape(B, -1) - xf + a * (s + lam * xf)
             acc[:, 3] += (d * d).sum(1)
     return acc
+
+
+GUARD_NONE, GUARD_KEEP, GUARD_RESET = 0, 1, 2
+
+
+def step_ref(states, grads, energy, step, *, seed, sample_offset=0, chain_ids=None, a, b, lam,
+             clip_value, clip_norm, lo, hi, guard, stats=None):
+    """Reference of ``langevin_step_``: one whole unadjusted FusedLangevin step, in place.
+
+    Per sample: the reduction's clipped squared gradient norm ``g2`` and non-finite count give
+    ``bad = ~isfinite(energy) | (count > 0)``; with ``clip_norm > 0`` the gradient scale is
+    ``min(1, clip_norm / (sqrt(g2) + 1e-12))``; ``guard`` (GUARD_KEEP / GUARD_RESET) turns bad
+    samples' mode into keep / reset. The states are updated by :func:`update_ref`. ``stats``
+    (a float32 ring buffer (rows, 4, B) and an int64 counter) get row ``step % rows``: the
+    energy (NaN where non-finite), sqrt(g2), accepted = 1 - guarded, guarded (0/1); the counter
+    adds the guarded count. Then ``step`` (a 1-element int64 tensor) += 1.
+    """
+    B = states[0].shape[0]
+    need = guard != GUARD_NONE or clip_norm > 0 or stats is not None
+    gscale = mode = bad = g2 = None
+    if need:
+        red = reduce_ref(states, grads, a=a, lam=lam, clip_value=clip_value)
+        g2 = red[:, 0]
+        bad = red[:, 1] > 0
+        if energy is not None:
+            bad = bad | ~torch.isfinite(energy.float())
+        if clip_norm > 0:
+            gscale = (torch.tensor(clip_norm, dtype=torch.float32) / (g2.sqrt() + 1e-12)).clamp(max=1.0)
+        if guard != GUARD_NONE:
+            fix = MODE_RESET if guard == GUARD_RESET else MODE_KEEP
+            mode = torch.where(bad, fix, MODE_UPDATE).to(torch.int32)
+    update_ref(states, grads, states, seed=seed, step=step, sample_offset=sample_offset, a=a,
+               b=b, lam=lam, clip_value=clip_value, lo=lo, hi=hi, gscale=gscale, mode=mode,
+               samples=chain_ids)
+    if stats is not None:
+        rec, n_guarded = stats
+        row = int(step.reshape(-1)[0]) % rec.shape[0]
+        e = torch.zeros(B) if energy is None else energy.float()
+        guarded = bad & (guard != GUARD_NONE)
+        rec[row, 0] = torch.where(torch.isfinite(e), e, float("nan"))
+        rec[row, 1] = g2.sqrt()
+        rec[row, 2] = (~guarded).float()
+        rec[row, 3] = guarded.float()
+        n_guarded += guarded.sum()
+    step += 1

@@ -18,39 +18,68 @@ class LangevinStats:
       ``grad_norm`` (T, B) norm of the (value-clipped) energy gradient;
       ``accepted`` (T, B) MALA accept decisions (all True without MALA, False where guarded);
       ``guarded`` (T, B) chains rejected or reset by the non-finite guard.
+
+    Memory is bounded by ``capacity`` rows whatever the number of steps, and grows to it by
+    doubling from ``initial`` rows, so a short run on many chains does not pay for 1024 rows
+    (``initial=capacity`` preallocates, as a CUDA graph needs). Global step ``t`` is written at
+    row ``t % rows``; ``t0`` is the global step of the first record.
     """
 
-    def __init__(self, batch: int, device, capacity: int = 1024):
+    def __init__(self, batch: int, device, capacity: int = 1024, *, initial: int | None = 16,
+                 t0: int = 0):
         if capacity < 1:
             raise ValueError(f"capacity must be >= 1, got {capacity}")
-        self.capacity, self.steps = int(capacity), 0
-        f = dict(device=device, dtype=torch.float32)
-        self._energy = torch.full((capacity, batch), float("nan"), **f)
-        self._gnorm = torch.full((capacity, batch), float("nan"), **f)
-        self._acc = torch.zeros(capacity, batch, dtype=torch.bool, device=device)
-        self._guard = torch.zeros(capacity, batch, dtype=torch.bool, device=device)
+        self.capacity, self.steps, self.t0 = int(capacity), 0, int(t0)
+        self.batch, self.device = int(batch), device
         self.n_guarded = torch.zeros((), dtype=torch.int64, device=device)
+        self._alloc(min(self.capacity, max(1, int(initial or self.capacity))))
+
+    def _alloc(self, rows: int) -> None:
+        # one float32 block (rows, 4, B): energy, grad norm, accepted, guarded (0/1), so the
+        # kernel takes one statistics argument
+        self._buf = torch.zeros(rows, 4, self.batch, dtype=torch.float32, device=self.device)
+        self._buf[:, :2] = float("nan")
+
+    @property
+    def rows(self) -> int:
+        """Rows allocated now (<= capacity)."""
+        return self._buf.shape[0]
+
+    def full(self) -> bool:
+        """True when the next record would overwrite a row although more may be allocated."""
+        return self.steps >= self.rows and self.rows < self.capacity
+
+    def grow(self) -> None:
+        """Double the rows (up to capacity), moving each record to its row under the new size."""
+        old = self.rows
+        new = min(self.capacity, 2 * old)
+        if new == old:
+            return
+        n = min(self.steps, old)
+        glob = torch.arange(self.t0 + self.steps - n, self.t0 + self.steps, device=self.device)
+        src = self._buf
+        self._alloc(new)
+        self._buf[glob % new] = src[glob % old]
 
     def record(self, step_t: torch.Tensor, energy, gnorm, accepted, guarded) -> None:
-        """Write one step's row at ``step_t % capacity`` (a device index: no sync)."""
-        row = step_t.remainder(self.capacity)
-        for buf, val in ((self._energy, energy), (self._gnorm, gnorm), (self._acc, accepted),
-                         (self._guard, guarded)):
-            buf.index_copy_(0, row, val.to(buf.dtype).unsqueeze(0))
+        """Write one step's row at ``step_t % rows`` (a device index: no sync)."""
+        if self.full():
+            self.grow()
+        row = step_t.remainder(self.rows)
+        vals = torch.stack([v.to(torch.float32) for v in (energy, gnorm, accepted, guarded)])
+        self._buf.index_copy_(0, row, vals.unsqueeze(0))
         self.n_guarded += guarded.sum()
         self.steps += 1
 
     def _rows(self, buf):
-        n = min(self.steps, self.capacity)
-        if self.steps <= self.capacity:
-            return buf[:n]
-        start = self.steps % self.capacity
-        return torch.cat([buf[start:], buf[:start]])
+        n = min(self.steps, self.rows)
+        glob = torch.arange(self.t0 + self.steps - n, self.t0 + self.steps, device=buf.device)
+        return buf[glob % self.rows]
 
-    energy = property(lambda self: self._rows(self._energy))
-    grad_norm = property(lambda self: self._rows(self._gnorm))
-    accepted = property(lambda self: self._rows(self._acc))
-    guarded = property(lambda self: self._rows(self._guard))
+    energy = property(lambda self: self._rows(self._buf[:, 0]))
+    grad_norm = property(lambda self: self._rows(self._buf[:, 1]))
+    accepted = property(lambda self: self._rows(self._buf[:, 2]) > 0.5)
+    guarded = property(lambda self: self._rows(self._buf[:, 3]) > 0.5)
 
     @property
     def acceptance_rate(self) -> torch.Tensor:

@@ -27,8 +27,10 @@ def langevin_sample(energy_fn: EnergyFn, state, n_steps: int, step_size: float, 
     single = isinstance(state, torch.Tensor)
     x = state.detach().clone() if single else [s.detach().clone() for s in state]
     fn = functools.partial(energy_fn, **extra_args) if extra_args else energy_fn
-    sampler = FusedLangevin(x, step_size, lam=lam, sigma=sigma, seed=seed,
-                            max_steps=max(1, int(n_steps)), **sampler_kwargs)
+    # statistics keep at most the last 1024 steps (max_steps= changes it): bounded memory
+    max_steps = sampler_kwargs.pop("max_steps", max(1, min(int(n_steps), 1024)))
+    sampler = FusedLangevin(x, step_size, lam=lam, sigma=sigma, seed=seed, max_steps=max_steps,
+                            **sampler_kwargs)
     for i in range(int(n_steps)):
         energy = sampler.step(fn)
         if callback is not None:

@@ -15,20 +15,51 @@ Shapes: ``state`` is one tensor (B, ...) or a list of tensors (B, ...) sharing B
 from __future__ import annotations
 
 import math
-from typing import Callable, Sequence
+from typing import Callable, Sequence, Union
 
 import torch
 
 from ..ops import MODE_KEEP, MODE_RESET, MODE_UPDATE, langevin_reduce, langevin_update_
-from ..ops.langevin import check_state
-from ..ops.philox import STREAM_ACCEPT, philox_uniform
+from ..ops.langevin import FAST_DTYPES, check_state
+from ..ops.langevin_ref import GUARD_KEEP, GUARD_NONE, GUARD_RESET
+from ..ops.philox import STREAM_ACCEPT, STREAM_NOISE, STREAM_RESET, philox_normal_rows, philox_uniform
 from .diagnostics import LangevinStats
 
 EnergyFn = Callable[..., torch.Tensor]
+Schedule = Union[float, Callable[[int], float], Sequence[float]]
 
 
 def _draw_seed() -> int:
     return int(torch.randint(0, 2**62, (1,)).item())
+
+
+def _schedule(v, what: str):
+    """(constant or None, callable t -> value or None) of a float, a callable or a sequence."""
+    if callable(v):
+        return None, v
+    if isinstance(v, (list, tuple)) or (isinstance(v, torch.Tensor) and v.ndim == 1):
+        seq = [float(u) for u in v]
+        if not seq:
+            raise ValueError(f"{what} schedule is empty")
+
+        def at(t, seq=seq):
+            if t >= len(seq):
+                raise IndexError(f"{what} schedule has {len(seq)} entries; step {t} is past its end")
+            return seq[t]
+        return None, at
+    return float(v), None
+
+
+def _check_eta(eta: float) -> float:
+    if not (math.isfinite(eta) and eta > 0):
+        raise ValueError(f"step_size must be positive and finite, got {eta}")
+    return eta
+
+
+def _check_sigma(sigma: float) -> float:
+    if not (math.isfinite(sigma) and sigma >= 0):
+        raise ValueError(f"sigma must be non-negative and finite, got {sigma}")
+    return sigma
 
 
 class FusedLangevin:
@@ -36,9 +67,11 @@ class FusedLangevin:
 
     Args:
       state: (B, ...) tensor or list of them; updated in place by :meth:`step`.
-      step_size: eta > 0.
+      step_size: eta > 0; a float, or a schedule: a callable ``t -> eta`` of the global step
+        ``t`` (see ``start_step``) or a sequence indexed by it.
       lam: weight of the standard-normal base density (1 for VAEBM's eps-space, 0 for x-space).
-      sigma: noise scale (1 is exact Langevin; smaller values as in IGEBM/JEM).
+      sigma: noise scale (1 is exact Langevin; smaller values as in IGEBM/JEM); a float or a
+        schedule like ``step_size`` (annealed noise).
       clip_grad_norm: per-sample clipping of the energy gradient's norm over the whole state.
       clip_grad_value: per-element clipping of the energy gradient to +-value.
       clamp: (low, high) range the state is clamped to after each step (images).
@@ -47,74 +80,188 @@ class FusedLangevin:
       on_nonfinite: "reject" keeps a chain whose energy, gradient or state is NaN/Inf at its last
         state for that step; "reset" restarts it from N(0, I). Either way it is counted in
         ``stats.guarded`` and never touches other chains. ``None`` disables the guard.
-      seed: Philox seed (drawn from torch's generator when None). sample_offset: global index of
-        row 0, so a sub-batch reproduces the same chains as the full batch.
+      seed: Philox seed (drawn from torch's generator when None).
+      sample_offset: global index of row 0, so a sub-batch reproduces the same chains as the
+        full batch. chain_ids: (B,) int64 ids keying each row's noise instead (e.g. the indices
+        of the rows in a sample bank), so a chain's noise follows the chain, not its row.
+      start_step: the global step the noise is keyed by at the first step; it advances by one
+        per step and across :meth:`bind`, so a fixed seed never repeats an increment.
       backend: "auto", "torch", "cpp", "triton" or "cuda" (see :mod:`vaebm.ops`).
       capturable: keep all step bookkeeping on the device so :meth:`graph_step` can replay the whole
         step (energy forward, input gradient, update) as a CUDA graph.
-      track: record :class:`LangevinStats` (ring buffers of ``max_steps`` rows).
+      create_graph: differentiable chains (``torch`` backend only): gradients flow from the
+        final state to the energy's parameters and the initial state (improved contrastive
+        divergence); the state tensors are replaced, not updated in place (read ``.state``).
+      track: record :class:`LangevinStats` (ring buffers of ``max_steps`` rows: memory is
+        bounded whatever the number of steps).
+
+    The work is planned once: validation, backend resolution and argument packing happen here
+    and in :meth:`bind`; on the ``cpp`` backend an unadjusted step is one call into the kernel
+    (reduction, guard, gradient-norm clipping, update, statistics and the step counter
+    together). The update is ``x - (eta/2) (grad E + lam x) + sigma sqrt(eta) xi``; for code
+    written as ``x - a grad + b xi`` use :meth:`from_sgld`.
     """
 
-    def __init__(self, state, step_size: float, *, lam: float = 0.0, sigma: float = 1.0,
+    def __init__(self, state, step_size: Schedule, *, lam: float = 0.0, sigma: Schedule = 1.0,
                  clip_grad_norm: float | None = None, clip_grad_value: float | None = None,
                  clamp: tuple[float, float] | None = None, mala: bool = False,
                  on_nonfinite: str | None = "reject", seed: int | None = None,
-                 sample_offset: int = 0, backend: str | None = None, capturable: bool = False,
-                 track: bool = True, max_steps: int = 1024):
-        self.single = isinstance(state, torch.Tensor)
-        self.state: list[torch.Tensor] = [state] if self.single else list(state)
-        if not self.state:
-            raise ValueError("state is empty: pass a tensor or a non-empty list of tensors")
-        check_state(self.state)
-        eta = float(step_size)
-        if not (math.isfinite(eta) and eta > 0):
-            raise ValueError(f"step_size must be positive and finite, got {step_size}")
-        if not (math.isfinite(sigma) and sigma >= 0):
-            raise ValueError(f"sigma must be non-negative and finite, got {sigma}")
+                 sample_offset: int = 0, chain_ids: torch.Tensor | None = None,
+                 start_step: int = 0, backend: str | None = None, capturable: bool = False,
+                 create_graph: bool = False, track: bool = True, max_steps: int = 1024):
+        self._eta, self._eta_at = _schedule(step_size, "step_size")
+        self._sig, self._sig_at = _schedule(sigma, "sigma")
+        if self._eta is not None:
+            _check_eta(self._eta)
+        if self._sig is not None:
+            _check_sigma(self._sig)
         if clip_grad_norm is not None and not clip_grad_norm > 0:
             raise ValueError(f"clip_grad_norm must be positive, got {clip_grad_norm}")
+        if clip_grad_value is not None and not clip_grad_value > 0:
+            raise ValueError(f"clip_grad_value must be positive, got {clip_grad_value}")
         if on_nonfinite not in ("reject", "reset", None):
             raise ValueError(f"on_nonfinite must be 'reject', 'reset' or None, got {on_nonfinite!r}")
         if mala and clamp is not None:
             raise ValueError("mala=True with clamp: a clamped proposal has no Gaussian density, "
                              "so the Metropolis ratio would be wrong; drop one of them")
-        if mala and not sigma > 0:
+        if mala and self._sig is not None and not self._sig > 0:
             raise ValueError("mala=True needs sigma > 0")
-        dev = self.state[0].device
-        if capturable and dev.type != "cuda":
-            raise ValueError(f"capturable=True needs CUDA tensors, the state is on {dev}")
-        self.step_size, self.lam, self.sigma = eta, float(lam), float(sigma)
+        if clamp is not None and not float(clamp[0]) < float(clamp[1]):
+            raise ValueError(f"clamp must be (low, high) with low < high, got {clamp}")
+        if int(start_step) != start_step or start_step < 0:
+            raise ValueError(f"start_step must be a non-negative integer, got {start_step}")
+        if create_graph and (mala or capturable):
+            raise ValueError("create_graph=True runs unadjusted eager steps: not with mala or "
+                             "capturable")
+        self.lam = float(lam)
         self.clip_grad_norm, self.clip_grad_value, self.clamp = clip_grad_norm, clip_grad_value, clamp
         self.mala, self.on_nonfinite, self.backend = bool(mala), on_nonfinite, backend
         self.seed = _draw_seed() if seed is None else int(seed)
-        self.sample_offset, self.capturable = int(sample_offset), bool(capturable)
-        self.batch = self.state[0].shape[0]
-        self.t = 0  # host copy of the step counter
-        self.step_t = torch.zeros(1, dtype=torch.int64, device=dev)
-        self._samples = torch.arange(self.sample_offset, self.sample_offset + self.batch, device=dev)
-        self.stats = LangevinStats(self.batch, dev, max_steps) if track else None
+        self.capturable, self.create_graph = bool(capturable), bool(create_graph)
+        self.track, self.max_steps = bool(track), int(max_steps)
+        self.t = int(start_step)  # host copy of the step counter (the global step)
+        self._graph = None
+        self.stats = None
+        self.bind(state, sample_offset=sample_offset, chain_ids=chain_ids)
+
+    @classmethod
+    def from_sgld(cls, state, grad_scale: Schedule, noise_std: Schedule, **kwargs):
+        """The sampler of code written as ``x <- x - grad_scale * grad E(x) + noise_std * xi``
+        (IGEBM, JEM, short-run EBMs; JEM's ``f`` is ``E = -f``): ``step_size = 2 grad_scale``,
+        ``sigma = noise_std / sqrt(2 grad_scale)``. Schedules (callables of the step, sequences)
+        are mapped step by step. Other keyword arguments go to the constructor (``lam``
+        defaults to 0: x-space)."""
+        a_c, a_at = _schedule(grad_scale, "grad_scale")
+        b_c, b_at = _schedule(noise_std, "noise_std")
+        a = (lambda t: a_at(t)) if a_at else (lambda t: a_c)
+        b = (lambda t: b_at(t)) if b_at else (lambda t: b_c)
+        if a_at is None and b_at is None:
+            if not (math.isfinite(a_c) and a_c > 0):
+                raise ValueError(f"grad_scale must be positive and finite, got {grad_scale}")
+            return cls(state, 2 * a_c, sigma=b_c / math.sqrt(2 * a_c), **kwargs)
+        return cls(state, lambda t: 2 * a(t), sigma=lambda t: b(t) / math.sqrt(2 * a(t)), **kwargs)
+
+    # ----------------------------------------------------------------------------- binding
+    def bind(self, state, *, sample_offset: int = 0, chain_ids: torch.Tensor | None = None):
+        """Point the sampler at new chains (e.g. a fresh draw from a sample bank), keeping its
+        seed, its global step and its options; ``chain_ids`` key their noise (see the class).
+        Statistics restart when the batch size changes."""
+        if self._graph is not None:
+            raise RuntimeError("this sampler was captured into a CUDA graph; build a new one")
+        self.single = isinstance(state, torch.Tensor)
+        states: list[torch.Tensor] = [state] if self.single else list(state)
+        if not states:
+            raise ValueError("state is empty: pass a tensor or a non-empty list of tensors")
+        check_state(states)
+        dev = states[0].device
+        if self.capturable and dev.type != "cuda":
+            raise ValueError(f"capturable=True needs CUDA tensors, the state is on {dev}")
+        if self.create_graph and any(s.requires_grad and s.is_leaf for s in states):
+            states = [s.clone() for s in states]  # leaves stay untouched; the graph starts here
+        B = states[0].shape[0]
+        if chain_ids is not None:
+            chain_ids = torch.as_tensor(chain_ids)
+            if chain_ids.shape != (B,) or chain_ids.is_floating_point() or chain_ids.is_complex():
+                raise ValueError(f"chain_ids must be an integer tensor of shape ({B},), got "
+                                 f"{chain_ids.dtype} {tuple(chain_ids.shape)}")
+            if bool((chain_ids < 0).any()) or bool((chain_ids >= 2**32).any()):
+                raise ValueError("chain_ids must lie in [0, 2**32) (they key 32-bit Philox counters)")
+            chain_ids = chain_ids.to(device=dev, dtype=torch.int64).contiguous()
+        self.state, self.batch = states, B
+        self.sample_offset, self.chain_ids = int(sample_offset), chain_ids
+        self.step_t = torch.full((1,), self.t, dtype=torch.int64, device=dev)
+        self._samples = chain_ids if chain_ids is not None else \
+            torch.arange(self.sample_offset, self.sample_offset + B, device=dev)
+        if self.track and (self.stats is None or self.stats.batch != B
+                           or self.stats.device != dev):
+            self.stats = LangevinStats(B, dev, self.max_steps, t0=self.t,
+                                       initial=self.max_steps if self.capturable
+                                       else max(16, 16384 // B))  # <= ~256 KiB before growing
         self._cache = None  # MALA: (energy, grads, reduction) at the current state
         self._proposal = None
-        self._graph = None
+        self._plan = self._make_plan()
+        return self
+
+    def _make_plan(self):
+        """The packed arguments of the one-call ``cpp`` step, or None where it does not apply
+        (MALA, CUDA graphs, differentiable chains, other backends, non-contiguous states)."""
+        if self.mala or self.capturable or self.create_graph:
+            return None
+        x0 = self.state[0]
+        if x0.device.type != "cpu" or x0.dtype not in FAST_DTYPES:
+            return None
+        if not all(s.is_contiguous() for s in self.state):
+            return None
+        from ..ops import _registry
+        name, mod = _registry.resolve(x0.device, self.backend)
+        if name != "cpp":
+            return None
+        op = getattr(torch.ops.vaebm_cpu, "langevin_step_", None)
+        if op is None:
+            return None
+        st = self.stats
+        rec = (st._buf, st.n_guarded) if st is not None else (None, None)
+        lo, hi = (-math.inf, math.inf) if self.clamp is None else map(float, self.clamp)
+        guard = {None: GUARD_NONE, "reject": GUARD_KEEP, "reset": GUARD_RESET}[self.on_nonfinite]
+        return (op.default, self.seed & 0xFFFFFFFF, self.seed >> 32, self.sample_offset,
+                self.chain_ids, self.lam, float(self.clip_grad_value or 0.0),
+                float(self.clip_grad_norm or 0.0), lo, hi, guard, rec)
+
+    # ----------------------------------------------------------------------------- schedules
+    @property
+    def step_size(self) -> float:
+        """eta at the current global step."""
+        return self._eta if self._eta_at is None else _check_eta(float(self._eta_at(self.t)))
+
+    @property
+    def sigma(self) -> float:
+        """sigma at the current global step."""
+        return self._sig if self._sig_at is None else _check_sigma(float(self._sig_at(self.t)))
 
     # ----------------------------------------------------------------------------- energy
     def _energy_grad(self, energy_fn: EnergyFn, states: Sequence[torch.Tensor]):
         xs = [s.detach().requires_grad_(True) for s in states]
-        with torch.enable_grad():
-            energy = energy_fn(xs[0] if self.single else xs)
-            energy = self._check_energy(energy)
+        if torch.is_grad_enabled():  # (the context manager costs as much as a small kernel)
+            energy = self._check_energy(energy_fn(xs[0] if self.single else xs))
             grads = torch.autograd.grad(energy.sum(), xs, allow_unused=True)
-        grads = [torch.zeros_like(x) if g is None else g for x, g in zip(xs, grads)]
-        return energy.detach().float(), grads
+        else:
+            with torch.enable_grad():
+                energy = self._check_energy(energy_fn(xs[0] if self.single else xs))
+                grads = torch.autograd.grad(energy.sum(), xs, allow_unused=True)
+        if any(g is None for g in grads):  # (not `None in grads`: Tensor == None costs 12 us)
+            grads = [torch.zeros_like(x) if g is None else g for x, g in zip(xs, grads)]
+        energy = energy.detach()
+        return (energy if energy.dtype == torch.float32 else energy.float()), list(grads)
 
     def _check_energy(self, energy) -> torch.Tensor:
         if not isinstance(energy, torch.Tensor):
             raise TypeError(f"energy_fn must return a tensor, got {type(energy).__name__}")
-        if energy.shape == (self.batch, 1):
-            energy = energy.squeeze(1)
         if energy.shape != (self.batch,):
-            raise ValueError(f"energy_fn must return one energy per sample, shape ({self.batch},), "
-                             f"got {tuple(energy.shape)}")
+            if energy.ndim >= 1 and energy.shape[0] == self.batch and energy.numel() == self.batch:
+                energy = energy.reshape(self.batch)  # (B, 1), (B, 1, 1, 1), ...
+            else:
+                raise ValueError(f"energy_fn must return one energy per sample, shape "
+                                 f"({self.batch},) (or (B, 1, ...)), got {tuple(energy.shape)}")
         if not energy.requires_grad:
             raise ValueError("energy_fn's output does not depend on the state (no gradient); "
                              "was it computed under torch.no_grad() or detached?")
@@ -143,7 +290,7 @@ class FusedLangevin:
         langevin_update_(self.state, grads, outs, seed=self.seed, step=self.step_t,
                          sample_offset=self.sample_offset, step_size=self.step_size, lam=self.lam,
                          sigma=self.sigma, clip_value=self.clip_grad_value, clamp=self.clamp,
-                         gscale=gscale, mode=mode, backend=self.backend)
+                         gscale=gscale, mode=mode, chain_ids=self.chain_ids, backend=self.backend)
 
     def _record(self, energy, red, accepted, guarded):
         if self.stats is not None:
@@ -160,7 +307,38 @@ class FusedLangevin:
         grads = [grads] if isinstance(grads, torch.Tensor) else list(grads)
         if energy is None:
             energy = torch.zeros(self.batch, device=self.step_t.device)
-        self._ula_update(energy.detach().float().reshape(self.batch), grads)
+        energy = energy.detach().float().reshape(self.batch)
+        if self._plan is not None:
+            if len(grads) != len(self.state):
+                raise ValueError(f"grads has {len(grads)} tensors but the state has "
+                                 f"{len(self.state)}")
+            for k, (g, x) in enumerate(zip(grads, self.state)):
+                if g.shape != x.shape or g.dtype != x.dtype or g.device != x.device:
+                    raise ValueError(f"grads[{k}] is {tuple(g.shape)} {g.dtype} on {g.device}, "
+                                     f"expected {tuple(x.shape)} {x.dtype} on {x.device} like "
+                                     f"state[{k}]")
+            self._planned(grads, energy)
+        else:
+            self._ula_update(energy, grads)
+
+    def _planned(self, grads, energy):
+        """The whole unadjusted step as one ``cpp`` call (spec: ops.langevin_ref.step_ref);
+        the kernel also advances ``step_t``. ``grads`` are shaped like the state (autograd's,
+        or checked by step_with_grad)."""
+        if self.stats is not None and self.stats.full():
+            self.stats.grow()
+            self._plan = self._make_plan()  # the kernel writes into the new buffers
+        op, s_lo, s_hi, off, ids, lam, cv, cn, lo, hi, guard, rec = self._plan
+        eta = self._eta if self._eta_at is None else self.step_size
+        sig = self._sig if self._sig_at is None else self.sigma
+        for k, g in enumerate(grads):
+            if not g.is_contiguous():
+                grads[k] = g.contiguous()
+        op(self.state, grads, energy, self.step_t, s_lo, s_hi, off, ids, eta / 2,
+           sig * math.sqrt(eta), lam, cv, cn, lo, hi, guard, *rec)
+        self.t += 1
+        if rec[0] is not None:
+            self.stats.steps += 1
 
     def _ula_update(self, energy, grads):
         need = (self.on_nonfinite is not None or self.clip_grad_norm is not None
@@ -185,10 +363,95 @@ class FusedLangevin:
             raise RuntimeError("this sampler was captured into a CUDA graph: use graph_step()")
         if self.mala:
             return self._mala_step(energy_fn)
+        if self.create_graph:
+            return self._differentiable_step(energy_fn)
         energy, grads = self._energy_grad(energy_fn, self.state)
+        if self._plan is not None:  # a custom op on tensors that need no gradient: no no_grad()
+            self._planned(grads, energy)
+            return energy
         with torch.no_grad():
             self._ula_update(energy, grads)
         return energy
+
+    def _differentiable_step(self, energy_fn):
+        """The unadjusted step as differentiable torch ops (``create_graph=True``): the same
+        update, noise and guard as the kernels, on new tensors."""
+        xs = self.state
+        if not any(x.requires_grad for x in xs):
+            xs = [x.detach().requires_grad_(True) for x in xs]
+        energy = self._check_energy(energy_fn(xs[0] if self.single else xs))
+        grads = torch.autograd.grad(energy.sum(), xs, create_graph=True, allow_unused=True)
+        grads = [torch.zeros_like(x) if g is None else g for x, g in zip(xs, grads)]
+        eta, sig = self.step_size, self.sigma
+        a, b = eta / 2, sig * math.sqrt(eta)
+        gf = [g.clamp(-self.clip_grad_value, self.clip_grad_value) if self.clip_grad_value else g
+              for g in grads]
+        B = self.batch
+        with torch.no_grad():
+            g2 = sum(g.detach().float().reshape(B, -1).pow(2).sum(1) for g in gf)
+            bad = ~torch.isfinite(energy.detach())
+            for x, g in zip(xs, grads):  # the raw gradient, as the kernels' reduction counts it
+                bad |= ~torch.isfinite(x.detach()).reshape(B, -1).all(1)
+                bad |= ~torch.isfinite(g.detach()).reshape(B, -1).all(1)
+        if self.clip_grad_norm is not None:
+            scale = (self.clip_grad_norm / (g2.sqrt() + 1e-12)).clamp(max=1.0)
+            gf = [g * scale.to(g.dtype).view((-1,) + (1,) * (g.ndim - 1)) for g in gf]
+        new = []
+        for k, (x, g) in enumerate(zip(xs, gf)):
+            n = x[0].numel()
+            xi = philox_normal_rows(self.seed, self.step_t, self._samples, n, k,
+                                    STREAM_NOISE).reshape(x.shape).to(x.dtype)
+            y = x - a * (g + self.lam * x) + b * xi
+            if self.clamp is not None:
+                y = y.clamp(*self.clamp)
+            if self.on_nonfinite is not None:
+                m = bad.view((-1,) + (1,) * (x.ndim - 1))
+                fix = x if self.on_nonfinite == "reject" else philox_normal_rows(
+                    self.seed, self.step_t, self._samples, n, k, STREAM_RESET).reshape(x.shape)
+                y = torch.where(m, fix.to(y.dtype), y)
+            new.append(y)
+        self.state = new
+        if self.stats is not None:
+            guarded = bad if self.on_nonfinite is not None else torch.zeros_like(bad)
+            e = energy.detach().float()
+            self.stats.record(self.step_t, torch.where(torch.isfinite(e), e, float("nan")),
+                              g2.sqrt(), ~guarded, guarded)
+        self._advance()
+        return energy
+
+    # ----------------------------------------------------------------------------- state
+    def state_dict(self) -> dict:
+        """What a resumed run needs to continue the same chains' noise: the seed, the global
+        step, the chain ids and the statistics (the state tensors themselves are the caller's)."""
+        d = {"seed": self.seed, "t": self.t, "sample_offset": self.sample_offset,
+             "chain_ids": None if self.chain_ids is None else self.chain_ids.cpu()}
+        if self.stats is not None:
+            st = self.stats
+            d["stats"] = {"steps": st.steps, "t0": st.t0, "buffer": st._buf.cpu(),
+                          "n_guarded": int(st.n_guarded)}
+        return d
+
+    def load_state_dict(self, d: dict) -> None:
+        """Restore :meth:`state_dict` (the state tensors are bound as they are)."""
+        self.seed, self.t = int(d["seed"]), int(d["t"])
+        self.step_t.fill_(self.t)
+        self.sample_offset = int(d.get("sample_offset", 0))
+        ids = d.get("chain_ids")
+        self.chain_ids = None if ids is None else ids.to(self.step_t.device)
+        self._samples = self.chain_ids if self.chain_ids is not None else torch.arange(
+            self.sample_offset, self.sample_offset + self.batch, device=self.step_t.device)
+        st = d.get("stats")
+        if st is not None and self.stats is not None:
+            rows, _, batch = st["buffer"].shape
+            if batch != self.batch or rows > self.stats.capacity:
+                raise ValueError(f"stored statistics are ({rows}, {batch}), this sampler keeps "
+                                 f"up to ({self.stats.capacity}, {self.batch})")
+            self.stats._alloc(rows)
+            self.stats._buf.copy_(st["buffer"])
+            self.stats.steps, self.stats.t0 = int(st["steps"]), int(st.get("t0", 0))
+            self.stats.n_guarded.fill_(int(st["n_guarded"]))
+        self._cache = None
+        self._plan = self._make_plan()
 
     @torch.no_grad()
     def _mala_step(self, energy_fn):
@@ -234,6 +497,9 @@ class FusedLangevin:
         effect on the chains is undone); ``energy_fn`` must be capture-safe and static-shaped."""
         if not self.capturable:
             raise RuntimeError("graph_step needs FusedLangevin(..., capturable=True)")
+        if self._eta_at is not None or self._sig_at is not None:
+            raise RuntimeError("a CUDA graph replays constant step sizes: no schedules with "
+                               "graph_step")
         if self._graph is None:
             self._capture(energy_fn, warmup)
         self._graph.replay()
