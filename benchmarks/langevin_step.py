@@ -22,6 +22,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.append(str(Path(__file__).resolve().parents[1]))  # a checkout works without install
 from _harness import bench, machine, markdown, write_csv  # noqa: E402
 
+from vaebm import FusedLangevin  # noqa: E402
 from vaebm.ops import BackendUnavailable, langevin_reduce, langevin_update_  # noqa: E402
 
 ETA = 8e-5  # CIFAR-10 step size (Table 8)
@@ -64,7 +65,13 @@ def run(device="cpu", reps=30, backends=("torch", "cpp", "triton", "cuda")):
             except BackendUnavailable as e:
                 print(f"skip {be}: {e}", file=sys.stderr)
                 continue
-            for label, fn in ((be, step), (be + " +guard reduce", guard)):
+            variants = [(be, step), (be + " +guard reduce", guard)]
+            if be == "cpp":  # FusedLangevin's planned step: guard, statistics, update, one call
+                sampler = FusedLangevin(xs, ETA, lam=1.0, seed=1, backend=be)
+                energy = torch.zeros(xs[0].shape[0], device=device)
+                variants.append(("cpp FusedLangevin step (guard + stats)",
+                                 lambda: sampler.step_with_grad(gs, energy)))
+            for label, fn in variants:
                 if label.endswith("reduce") and be == "torch":
                     continue
                 t = bench(fn, device, reps=reps)["median_ms"]

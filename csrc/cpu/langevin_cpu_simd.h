@@ -246,6 +246,44 @@ void update_narrow(const T* x, const T* g, T* o, int64_t n, int64_t r0, int64_t 
   }
 }
 
+// The step's reduction (columns 0 and 1 only): sum clip(g)^2 in float32 lanes (four
+// accumulators; the lanes summed in double at the end) and whether any x or raw g is non-finite,
+// found by accumulating v * 0 (0 for finite v, NaN for Inf or NaN) instead of counting per
+// vector. Adds the squared norm to acc[0] and 1 to acc[1] if anything was non-finite.
+template <class T>
+void reduce_step_span(const T* x, const T* g, const Span& s, const Params& p, double acc[4]) {
+  const F zero = V::set(0.f), cv = V::set(p.cv), ncv = V::set(-p.cv);
+  F s0 = zero, s1 = zero, s2 = zero, s3 = zero, nan0 = zero, nan1 = zero;
+  int64_t j = s.j0;
+  for (; j + 4 * W <= s.j1; j += 4 * W) {
+    F gv[4];
+    for (int q = 0; q < 4; ++q) {
+      const F xv = V::load(x + j + q * W);
+      gv[q] = V::load(g + j + q * W);
+      nan0 = V::fma(xv, zero, nan0);
+      nan1 = V::fma(gv[q], zero, nan1);
+      if (p.cv > 0.f) gv[q] = clamp_keep_nan(gv[q], ncv, cv);
+    }
+    s0 = V::fma(gv[0], gv[0], s0);
+    s1 = V::fma(gv[1], gv[1], s1);
+    s2 = V::fma(gv[2], gv[2], s2);
+    s3 = V::fma(gv[3], gv[3], s3);
+  }
+  alignas(64) float t[W], u[W];
+  V::store(t, V::add(V::add(s0, s1), V::add(s2, s3)));
+  V::store(u, V::add(nan0, nan1));
+  double g2 = 0.0;
+  bool bad = false;
+  for (int l = 0; l < W; ++l) {
+    g2 += double(t[l]);
+    bad = bad || !(u[l] == 0.f);
+  }
+  double tail[4] = {0.0, 0.0, 0.0, 0.0};
+  reduce_elems(x, g, static_cast<const T*>(nullptr), j, s.j1, 1.f, p, tail);  // the row's tail
+  acc[0] += g2 + tail[0];
+  acc[1] += double(bad) + tail[1];
+}
+
 // Adds the span's four per-sample sums (see langevin_ref.reduce_ref) to acc, in double.
 template <class T>
 void reduce_span(const T* x, const T* g, const T* o, const Span& s, const Params& p,
