@@ -756,7 +756,7 @@ at::Tensor langevin_reduce(at::TensorList states, at::TensorList grads,
 TORCH_LIBRARY(vaebm_cpu, m) {
   m.def("langevin_update_(Tensor[] states, Tensor[] grads, Tensor(a!)[] outs, Tensor step, "
         "int seed_lo, int seed_hi, int sample_offset, float a, float b, float lam, "
-        "float clip_value, float lo, float hi, Tensor? gscale, Tensor? mode, "
+        "float clip_value, float lo, float hi, Tensor? gscale, Tensor? chain_mode, "
         "Tensor? chain_ids=None) -> ()");
   m.def("langevin_reduce(Tensor[] states, Tensor[] grads, Tensor[]? others, float a, float lam, "
         "float clip_value, Tensor? gscale) -> Tensor");

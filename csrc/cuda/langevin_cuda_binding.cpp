@@ -180,7 +180,7 @@ TORCH_LIBRARY(vaebm_cuda, m) {
   m.def(
       "update(Tensor[] states, Tensor[] grads, Tensor(a!)[] outs, Tensor step, int seed_lo, "
       "int seed_hi, int sample_offset, float a, float b, float lam, float clip_value, float lo, "
-      "float hi, Tensor? gscale=None, Tensor? mode=None) -> ()");
+      "float hi, Tensor? gscale=None, Tensor? chain_mode=None) -> ()");
   m.def(
       "reduce(Tensor[] states, Tensor[] grads, Tensor[]? others, float a, float lam, "
       "float clip_value, Tensor? gscale=None) -> Tensor");
