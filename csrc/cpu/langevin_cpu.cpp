@@ -664,7 +664,7 @@ void langevin_step_(at::TensorList states, at::TensorList grads,
     bad[i] = (ep && !std::isfinite(ep[i])) || acc[4 * i + 1] > 0;
     if (clip_norm > 0) {
       const float s = float(clip_norm) / (std::sqrt(g2f[i]) + 1e-12f);
-      gsv[i] = s < 1.f ? s : 1.f;
+      gsv[i] = (s < 1.f || std::isnan(s)) ? s : 1.f;  // clamp(max=1): NaN stays NaN
     }
     if (guard != 0)
       modev[i] = bad[i] ? (guard == 2 ? int32_t(kModeReset) : int32_t(kModeKeep))

@@ -17,6 +17,8 @@ _MASK = 0xFFFFFFFF
 
 def load() -> None:
     build_extension("vaebm_cpu", ["cpu/langevin_cpu.cpp"], cflags=_CFLAGS, ldflags=["-fopenmp"])
+    from . import _fake  # shape functions for torch.compile, once the ops exist
+    _fake.register_fakes()
 
 
 def update_(states, grads, outs, *, step, seed, sample_offset, a, b, lam, clip_value, lo, hi,
