@@ -191,3 +191,17 @@ def test_atomic_files_rolls_back_a_failed_rename_and_can_refuse_to_overwrite(tmp
         files.commit()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a", "b"]
     assert (tmp_path / "b").read_bytes() == b"old b"
+
+
+def test_sample_shows_progress_without_tqdm_and_is_quiet_with_quiet(run, tmp_path, monkeypatch,
+                                                                    capsys):
+    import sys
+    monkeypatch.setitem(sys.modules, "tqdm", None)
+    monkeypatch.setitem(sys.modules, "tqdm.auto", None)
+    monkeypatch.delenv("VAEBM_QUIET", raising=False)
+    monkeypatch.setenv("VAEBM_PROGRESS_INTERVAL", "0")
+    assert _sample(run, tmp_path / "a", "--batch", "2") == 0
+    err = capsys.readouterr().err
+    assert "vaebm sampling: 1/3 batch" in err
+    assert _sample(run, tmp_path / "b", "--batch", "2", "--quiet") == 0
+    assert "vaebm sampling" not in capsys.readouterr().err

@@ -119,12 +119,10 @@ def vaebm_sample(vae: EpsVAE, energy: Callable[[torch.Tensor], torch.Tensor], n:
     pick = (lambda d: d.x_mean.clamp(0.0, 1.0)) if output == "mean" else (lambda d: d.x_sample)
     outs, inits, chains, energies = [], [], [], []
     batches = range(0, int(n), int(batch))
-    if progress:
-        try:
-            from tqdm.auto import tqdm
-            batches = tqdm(batches, desc="sampling", unit="batch")
-        except ImportError:
-            pass
+    if progress:  # a bar or periodic lines (vaebm._progress: no tqdm needed), quiet under --quiet
+        from .._progress import progress_iter
+        batches = progress_iter(batches, total=len(batches), desc="sampling",
+                                unit="batch")
     def one_batch(b0, bs):
         """Chains for samples b0..b0+bs-1: (start images, final images, their energies, frames)."""
         if start == "noise":
