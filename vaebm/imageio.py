@@ -20,6 +20,8 @@ import zlib
 
 import numpy as np
 
+from ._fileio import fsync_dir
+
 
 def make_grid(images, nrow: int | None = None, padding: int = 2, pad_value: float = 1.0) -> np.ndarray:
     """Tile ``images`` (N, C, H, W) with values in [0, 1] (torch tensor or numpy array) into one
@@ -72,17 +74,7 @@ def _unlink_quiet(path: str) -> None:
         pass
 
 
-def _fsync_dir(d: str) -> None:
-    try:
-        fd = os.open(d, os.O_RDONLY)
-    except OSError:  # e.g. Windows: folders cannot be opened
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
+_fsync_dir = fsync_dir
 
 
 def _new_temp(path: str, tag: str = "tmp") -> tuple[int, str]:

@@ -23,6 +23,8 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from .._fileio import file_kind
+
 DATA_DIR_ENV = "VAEBM_DATA_DIR"
 MAX_DATA_BYTES_ENV = "VAEBM_MAX_DATA_BYTES"
 DEFAULT_MAX_DATA_BYTES = 4 << 30  # 4 GiB: ~90x MNIST's train images, ~30x CIFAR-10 in memory
@@ -93,13 +95,7 @@ def check_data_bytes(n: int, path, what: str, limit: int | None = None) -> None:
                                     f"({why})")
 
 
-def _file_kind(mode: int) -> str:
-    for test, name in ((stat.S_ISDIR, "a directory"), (stat.S_ISFIFO, "a FIFO"),
-                       (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"),
-                       (stat.S_ISSOCK, "a socket")):
-        if test(mode):
-            return name
-    return "not a regular file"
+_file_kind = file_kind
 
 
 def is_regular_file(path) -> bool:

@@ -43,6 +43,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from .._fileio import file_kind, fsync_dir
+
 MAGIC = b"VAEBMCK1"
 _HEADER = struct.Struct("<8sQ32s")
 SAFE_GLOBALS: list = [argparse.Namespace]  # what NVAE's published checkpoints pickle
@@ -58,17 +60,7 @@ class CheckpointFallbackWarning(UserWarning):
 
 
 # --------------------------------------------------------------------------- write
-def _fsync_dir(d: str) -> None:
-    try:
-        fd = os.open(d, os.O_RDONLY)
-    except OSError:  # e.g. Windows: directories cannot be opened
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
+_fsync_dir = fsync_dir
 
 
 def save_checkpoint(obj: dict, path, *, keep_prev: bool = True) -> Path:
@@ -114,13 +106,7 @@ def save_checkpoint(obj: dict, path, *, keep_prev: bool = True) -> Path:
 
 
 # --------------------------------------------------------------------------- read
-def _file_kind(mode: int) -> str:
-    for test, name in ((stat.S_ISDIR, "a directory"), (stat.S_ISFIFO, "a FIFO"),
-                       (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"),
-                       (stat.S_ISSOCK, "a socket")):
-        if test(mode):
-            return name
-    return "not a regular file"
+_file_kind = file_kind
 
 
 def open_regular(path) -> tuple[Any, int]:

@@ -36,6 +36,8 @@ from collections.abc import Mapping
 
 import torch
 
+from ..._fileio import file_kind
+
 __all__ = ["NVAECheckpointError", "OFFICIAL_TOP_LEVEL_KEYS", "convert_state_dict",
            "load_nvae_checkpoint", "nvae_args_to_config", "read_nvae_checkpoint"]
 
@@ -112,13 +114,7 @@ def read_nvae_checkpoint(path, map_location="cpu") -> dict:
     return _check_structure(ckpt, path)
 
 
-def _file_kind(mode: int) -> str:
-    for test, name in ((stat.S_ISDIR, "a directory"), (stat.S_ISFIFO, "a FIFO"),
-                       (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"),
-                       (stat.S_ISSOCK, "a socket")):
-        if test(mode):
-            return name
-    return "not a regular file"
+_file_kind = file_kind
 
 
 def _check_zip_records(path: str, file_bytes: int) -> None:
