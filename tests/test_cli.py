@@ -557,3 +557,20 @@ def test_eval_exits_1_when_a_metric_is_not_computed(tmp_path, data_root, capsys,
     assert 0.0 <= res["ood"]["noise"]["auroc"] <= 1.0 and "error" in res["hist"]
     assert "unknown 'fjd'" in _error(capsys, ["eval", "--vae", str(vae_dir), "--dataset",
                                              "fashion_mnist", "--metrics", "fjd"])
+
+
+def test_backends_builds_the_network_kernels_too(monkeypatch, capsys):
+    """`vaebm backends` builds every extension, so a later command does not stop for a cold
+    compile of the second one (the issue: 121 s of silence in train-ebm)."""
+    from vaebm.ops import _cpp_nn
+    built = []
+    monkeypatch.setattr(_cpp_nn, "_load", lambda: built.append("cpu_nn"))
+    assert main(["backends"]) == 0
+    out = capsys.readouterr().out
+    assert "cpu   cpp     ok" in out and built == ["cpu_nn"]
+
+    def broken():
+        raise RuntimeError("no compiler")
+    monkeypatch.setattr(_cpp_nn, "_load", broken)
+    assert main(["backends"]) == 0
+    assert "network kernels failed to build: no compiler" in capsys.readouterr().out

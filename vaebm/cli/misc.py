@@ -4,14 +4,23 @@ from __future__ import annotations
 
 
 def cmd_backends(args) -> int:
-    """Which kernel backends can run here (builds them on first use)."""
+    """Which kernel backends can run here; builds every extension (the Langevin kernels and the
+    network kernels: Swish, weight norm, depthwise conv) so later commands start at once."""
+    import importlib
+
     import torch
 
     from ..ops import available_backends
 
+    nn_modules = {"cpp": "vaebm.ops._cpp_nn", "cuda": "vaebm.ops._cuda_nn"}
     devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
     for dev in devices:
         for name, reason in available_backends(dev).items():
+            if reason is None and name in nn_modules:
+                try:  # the second extension of the backend: its network kernels
+                    importlib.import_module(nn_modules[name])._load()
+                except Exception as e:  # a build failure: the layers fall back to PyTorch
+                    reason = f"Langevin kernels ok; network kernels failed to build: {e}"
             print(f"{dev:5s} {name:7s} {'ok' if reason is None else 'unavailable: ' + reason}")
     return 0
 
