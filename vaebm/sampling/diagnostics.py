@@ -29,10 +29,22 @@ class LangevinStats:
                  t0: int = 0):
         if capacity < 1:
             raise ValueError(f"capacity must be >= 1, got {capacity}")
-        self.capacity, self.steps, self.t0 = int(capacity), 0, int(t0)
+        self.capacity, self._steps, self.t0 = int(capacity), 0, int(t0)
+        self._sync = None  # set by a sampler whose compiled steps leave ``steps`` behind
         self.batch, self.device = int(batch), device
         self.n_guarded = torch.zeros((), dtype=torch.int64, device=device)
         self._alloc(min(self.capacity, max(1, int(initial or self.capacity))))
+
+    @property
+    def steps(self) -> int:
+        """Steps recorded so far."""
+        if self._sync is not None:
+            self._sync()
+        return self._steps
+
+    @steps.setter
+    def steps(self, value: int) -> None:
+        self._steps = int(value)
 
     def _alloc(self, rows: int) -> None:
         # one float32 block (rows, 4, B): energy, grad norm, accepted, guarded (0/1), so the

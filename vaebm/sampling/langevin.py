@@ -139,7 +139,8 @@ class FusedLangevin:
         self.seed = _draw_seed() if seed is None else int(seed)
         self.capturable, self.create_graph = bool(capturable), bool(create_graph)
         self.track, self.max_steps = bool(track), int(max_steps)
-        self.t = int(start_step)  # host copy of the step counter (the global step)
+        self._t = int(start_step)  # host copy of the step counter (the global step)
+        self._host_stale = False  # compiled planned steps leave the host counters behind
         self._graph = None
         self.stats = None
         self.bind(state, sample_offset=sample_offset, chain_ids=chain_ids)
@@ -194,9 +195,11 @@ class FusedLangevin:
             torch.arange(self.sample_offset, self.sample_offset + B, device=dev)
         if self.track and (self.stats is None or self.stats.batch != B
                            or self.stats.device != dev):
-            self.stats = LangevinStats(B, dev, self.max_steps, t0=self.t,
+            self.stats = LangevinStats(B, dev, self.max_steps, t0=self._t,
                                        initial=self.max_steps if self.capturable
                                        else max(16, 16384 // B))  # <= ~256 KiB before growing
+        if self.stats is not None:
+            self.stats._sync = self._sync_if_stale
         self._cache = None  # MALA: (energy, grads, reduction) at the current state
         self._proposal = None
         self._plan = self._make_plan()
@@ -226,6 +229,34 @@ class FusedLangevin:
         return (op.default, self.seed & 0xFFFFFFFF, self.seed >> 32, self.sample_offset,
                 self.chain_ids, self.lam, float(self.clip_grad_value or 0.0),
                 float(self.clip_grad_norm or 0.0), lo, hi, guard, rec)
+
+    # ----------------------------------------------------------------------------- counters
+    @property
+    def t(self) -> int:
+        """The global step the next step's noise is keyed by (host copy of ``step_t``)."""
+        if self._host_stale:
+            self._sync_host()
+        return self._t
+
+    @t.setter
+    def t(self, value: int) -> None:
+        if self._host_stale:
+            self._sync_host()
+        self._t = int(value)
+
+    def _sync_if_stale(self) -> None:
+        if self._host_stale:
+            self._sync_host()
+
+    def _sync_host(self) -> None:
+        """After planned steps run under torch.compile (which must not touch host ints, or every
+        step would recompile): catch the host counters up with the device counter; each planned
+        step recorded one statistics row."""
+        self._host_stale = False
+        n = int(self.step_t.reshape(-1)[0]) - self._t
+        self._t += n
+        if self.stats is not None:
+            self.stats._steps += n
 
     # ----------------------------------------------------------------------------- schedules
     @property
@@ -325,7 +356,8 @@ class FusedLangevin:
         """The whole unadjusted step as one ``cpp`` call (spec: ops.langevin_ref.step_ref);
         the kernel also advances ``step_t``. ``grads`` are shaped like the state (autograd's,
         or checked by step_with_grad)."""
-        if self.stats is not None and self.stats.full():
+        compiling = torch.compiler.is_compiling()
+        if not compiling and self.stats is not None and self.stats.full():
             self.stats.grow()
             self._plan = self._make_plan()  # the kernel writes into the new buffers
         op, s_lo, s_hi, off, ids, lam, cv, cn, lo, hi, guard, rec = self._plan
@@ -336,7 +368,12 @@ class FusedLangevin:
                 grads[k] = g.contiguous()
         op(self.state, grads, energy, self.step_t, s_lo, s_hi, off, ids, eta / 2,
            sig * math.sqrt(eta), lam, cv, cn, lo, hi, guard, *rec)
-        self.t += 1
+        if compiling:  # a constant store: no guard on a changing int (see _sync_host)
+            self._host_stale = True
+            return
+        if self._host_stale:
+            self._sync_host()
+        self._t += 1
         if rec[0] is not None:
             self.stats.steps += 1
 
