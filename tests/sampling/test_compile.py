@@ -134,6 +134,15 @@ def test_compiled_step_is_not_recompiled_every_step(cpp_ops, one_thread):
         torch.testing.assert_close(s.stats.energy, se.stats.energy, rtol=1e-6, atol=1e-6)
     s.step(energy)  # eager again: the counters continue from the caught-up values
     assert s.t == 4 and s.stats.steps == 4
+    # without statistics too (nothing reads a counter between the compiled and the eager step)
+    torch._dynamo.reset()
+    s2 = FusedLangevin(torch.randn(8, 4), 0.1, seed=1, backend="cpp", track=False)
+    step2 = torch.compile(lambda: s2.step(energy), fullgraph=True)
+    with torch._dynamo.config.patch(trace_autograd_ops=True):
+        step2()
+        step2()
+    s2.step(energy)
+    assert s2.t == 3 and int(s2.step_t) == 3
 
 
 @capped_xfail

@@ -357,6 +357,8 @@ class FusedLangevin:
         the kernel also advances ``step_t``. ``grads`` are shaped like the state (autograd's,
         or checked by step_with_grad)."""
         compiling = torch.compiler.is_compiling()
+        if not compiling and self._host_stale:  # before the kernel advances step_t again
+            self._sync_host()
         if not compiling and self.stats is not None and self.stats.full():
             self.stats.grow()
             self._plan = self._make_plan()  # the kernel writes into the new buffers
@@ -371,8 +373,6 @@ class FusedLangevin:
         if compiling:  # a constant store: no guard on a changing int (see _sync_host)
             self._host_stale = True
             return
-        if self._host_stale:
-            self._sync_host()
         self._t += 1
         if rec[0] is not None:
             self.stats.steps += 1
