@@ -34,6 +34,20 @@ def data_root(tmp_path_factory):
     return root
 
 
+@pytest.fixture(scope="module")
+def tiny_run(data_root, tmp_path_factory):
+    """(vae run folder, ebm run folder) of the tiny presets, trained for one iteration each
+    (shared by test_export and test_sample_output)."""
+    d = tmp_path_factory.mktemp("run")
+    common = ["--dataset", "fashion_mnist", "--data-root", str(data_root), "--batch-size", "4",
+              "--preset", "tiny", "--steps", "1"]
+    assert main(["train-vae", *common, "--out", str(d / "vae"), "--set", "eval_batches=1",
+                 "--set", "eval_iwae_k=1"]) == 0
+    assert main(["train-ebm", *common, "--vae", str(d / "vae"), "--out", str(d / "ebm"),
+                 "--set", "ld_steps=1", "--set", "data_init_batches=1"]) == 0
+    return d / "vae", d / "ebm"
+
+
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 

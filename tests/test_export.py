@@ -17,17 +17,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 data_root = test_cli.data_root  # the module-scoped synthetic data set
 
 
-@pytest.fixture(scope="module")
-def run(data_root, tmp_path_factory):
-    """(vae run folder, ebm run folder) trained for one iteration each."""
-    d = tmp_path_factory.mktemp("run")
-    common = ["--dataset", "fashion_mnist", "--data-root", str(data_root), "--batch-size", "4",
-              "--preset", "tiny", "--steps", "1"]
-    assert main(["train-vae", *common, "--out", str(d / "vae"), "--set", "eval_batches=1",
-                 "--set", "eval_iwae_k=1"]) == 0
-    assert main(["train-ebm", *common, "--vae", str(d / "vae"), "--out", str(d / "ebm"),
-                 "--set", "ld_steps=1", "--set", "data_init_batches=1"]) == 0
-    return d / "vae", d / "ebm"
+run = test_cli.tiny_run  # (vae run folder, ebm run folder), built once per module
 
 
 def _rebuild(meta: dict, state_dict: dict):
