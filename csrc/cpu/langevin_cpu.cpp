@@ -465,7 +465,7 @@ void update_narrow_any(const T* x, const T* g, T* o, int64_t n, const Item& it,
 
 // The Philox sample id of each row: chain_ids when given, else sample_offset + row.
 std::vector<uint32_t> sample_ids(int64_t B, int64_t sample_offset, const int64_t* chain_ids) {
-  std::vector<uint32_t> sid(size_t(B) + 16);  // padded: the narrow kernel loads W at a time
+  std::vector<uint32_t> sid(size_t(B) + 64);  // padded: the narrow kernel loads NB W at a time
   for (int64_t i = 0; i < B; ++i) sid[i] = uint32_t(chain_ids ? chain_ids[i] : sample_offset + i);
   return sid;
 }
@@ -685,7 +685,6 @@ void langevin_step_(at::TensorList states, at::TensorList grads,
     if (one_pass && need && wide && total >= 4 * kChunk && B >= at::get_num_threads()) {
       // one pass per sample: its sums, its verdict, then its update while its rows are still
       // in cache (a sample of the CIFAR-10 state is 1.2 MB of x and g); threads over samples
-      std::vector<Item> rows_items(xs.size());
       at::parallel_for(0, B, 1, [&](int64_t b0, int64_t b1) {
         for (int64_t i = b0; i < b1; ++i) {
           double* a = acc.data() + 4 * i;

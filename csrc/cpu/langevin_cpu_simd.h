@@ -31,6 +31,19 @@ inline RowConst row_const(uint32_t sample, uint32_t c3, const Params& p) {
   return {c3 ^ p.key[1], uint32_t(p1) ^ p.key[2], uint32_t(q0 >> 32) ^ p.key[3], uint32_t(q0)};
 }
 
+// Philox rounds r0 .. 9 on K batches of W / 2 counters (each word in the low half of a lane).
+template <int K>
+inline void philox_rounds(I (&c)[K][4], const uint32_t* key, int r0) {
+  for (int r = r0; r < 10; ++r)
+    for (int h = 0; h < K; ++h) {
+      const I p0 = V::mul_wide(c[h][0], 0xD2511F53u), p1 = V::mul_wide(c[h][2], 0xCD9E8D57u);
+      c[h][0] = V::xor3(V::high_half(p1), c[h][1], V::iset(key[2 * r]));
+      c[h][2] = V::xor3(V::high_half(p0), c[h][3], V::iset(key[2 * r + 1]));
+      c[h][1] = p1;
+      c[h][3] = p0;
+    }
+}
+
 // Philox4x32-10 on K independent batches of W / 2 counters (c[h][0] holds the group indices;
 // several chains hide the latency of the serial rounds). Each word sits in the low half of a
 // 64-bit lane, so one 32x32 -> 64-bit multiply (mul_epu32) yields both halves of a product in
@@ -45,14 +58,7 @@ inline void philox(I (&c)[K][4], const RowConst& rc, const uint32_t* key) {
     c[h][2] = V::ixor(p0, V::iset(rc.x2b));
     c[h][3] = V::iset(rc.w3b);
   }
-  for (int r = 2; r < 10; ++r)
-    for (int h = 0; h < K; ++h) {
-      const I p0 = V::mul_wide(c[h][0], 0xD2511F53u), p1 = V::mul_wide(c[h][2], 0xCD9E8D57u);
-      c[h][0] = V::xor3(V::high_half(p1), c[h][1], V::iset(key[2 * r]));
-      c[h][2] = V::xor3(V::high_half(p0), c[h][3], V::iset(key[2 * r + 1]));
-      c[h][1] = p1;
-      c[h][3] = p0;
-    }
+  philox_rounds(c, key, 2);
 }
 
 // u32_to_uniform: the word as int32, negative ones mirrored (x ^ (x >> 31) == ~x), times ~2^-31.
@@ -179,37 +185,32 @@ void update_span(const T* x, const T* g, T* o, const Span& s, const Params& p) {
 // from its neighbours' in word 1: Philox runs in full (no row constants), W samples side by side,
 // then Box-Muller on W lanes; the few elements of each row are updated in scalar.
 
-// Philox4x32-10 on K batches of W / 2 counters with every word per lane (low 32 bits of a lane).
-template <int K>
-inline void philox_lanes(I (&c)[K][4], const uint32_t* key) {
-  for (int r = 0; r < 10; ++r)
-    for (int h = 0; h < K; ++h) {
-      const I p0 = V::mul_wide(c[h][0], 0xD2511F53u), p1 = V::mul_wide(c[h][2], 0xCD9E8D57u);
-      c[h][0] = V::xor3(V::high_half(p1), c[h][1], V::iset(key[2 * r]));
-      c[h][2] = V::xor3(V::high_half(p0), c[h][3], V::iset(key[2 * r + 1]));
-      c[h][1] = p1;
-      c[h][3] = p0;
-    }
-}
+// Samples per narrow step: NB blocks of W lanes, NB W Philox calls side by side (independent
+// dependency chains; with one block the serial rounds leave the multiplier idle).
+constexpr int NL = V::NB * W;
 
-// n[q][l]: normal q (element 4 grp + q) of the sample with Philox id ids[l], l < W.
+// n[b][q][l]: normal q (element 4 grp + q) of the sample with Philox id ids[b W + l].
 inline void normals_lanes(uint32_t grp, const uint32_t* ids, uint32_t word3, const Params& p,
-                          float (*n)[W]) {
-  I c[2][4];
-  V::split_lanes(V::loadu_i(ids), c[0][1], c[1][1]);
-  for (int h = 0; h < 2; ++h) {
+                          float (*n)[4][W]) {
+  I c[2 * V::NB][4];
+  for (int b = 0; b < V::NB; ++b)
+    V::split_lanes(V::loadu_i(ids + b * W), c[2 * b][1], c[2 * b + 1][1]);
+  for (int h = 0; h < 2 * V::NB; ++h) {
     c[h][0] = V::iset(grp);
     c[h][2] = V::iset(p.step);
     c[h][3] = V::iset(word3);
   }
-  philox_lanes(c, p.key);
-  F n0, n1, n2, n3;
-  box_muller(V::pack_lo(c[0][0], c[1][0]), V::pack_lo(c[0][1], c[1][1]), n0, n1);
-  box_muller(V::pack_lo(c[0][2], c[1][2]), V::pack_lo(c[0][3], c[1][3]), n2, n3);
-  V::store(n[0], n0);
-  V::store(n[1], n1);
-  V::store(n[2], n2);
-  V::store(n[3], n3);
+  philox_rounds(c, p.key, 0);
+  for (int b = 0; b < V::NB; ++b) {
+    const I(&e)[4] = c[2 * b], (&o)[4] = c[2 * b + 1];
+    F n0, n1, n2, n3;
+    box_muller(V::pack_lo(e[0], o[0]), V::pack_lo(e[1], o[1]), n0, n1);
+    box_muller(V::pack_lo(e[2], o[2]), V::pack_lo(e[3], o[3]), n2, n3);
+    V::store(n[b][0], n0);
+    V::store(n[b][1], n1);
+    V::store(n[b][2], n2);
+    V::store(n[b][3], n3);
+  }
 }
 
 // Rows [r0, r1) of a tensor with n elements per row (x, g, o point at row 0). sid: the Philox
@@ -218,13 +219,13 @@ template <class T>
 void update_narrow(const T* x, const T* g, T* o, int64_t n, int64_t r0, int64_t r1,
                    uint32_t tensor, const uint32_t* sid, const float* gscale,
                    const int32_t* mode, const Params& p) {
-  alignas(64) float nz[4][W];
-  alignas(64) uint32_t ids[W];
+  alignas(64) float nz[V::NB][4][W];
+  alignas(64) uint32_t ids[NL];
   const uint32_t w3 = (uint32_t(kStreamNoise) << 24) | tensor;
   const uint64_t seed = uint64_t(p.k1) << 32 | p.k0;
-  for (int64_t r = r0; r < r1; r += W) {
-    const int m = int(std::min<int64_t>(W, r1 - r));
-    for (int l = 0; l < W; ++l) ids[l] = sid[r + std::min(l, m - 1)];
+  for (int64_t r = r0; r < r1; r += NL) {
+    const int m = int(std::min<int64_t>(NL, r1 - r));
+    for (int l = 0; l < NL; ++l) ids[l] = sid[r + std::min(l, m - 1)];
     for (int64_t j = 0; j < n; j += 4) {
       normals_lanes(uint32_t(j >> 2), ids, w3, p, nz);
       const int64_t q1 = std::min<int64_t>(4, n - j);
@@ -235,7 +236,8 @@ void update_narrow(const T* x, const T* g, T* o, int64_t n, int64_t r0, int64_t 
           if (o != x) std::memcpy(o + at, x + at, size_t(q1) * sizeof(T));
           continue;
         }
-        float xi[4] = {nz[0][l], nz[1][l], nz[2][l], nz[3][l]};
+        const float(&z)[4][W] = nz[l / W];
+        float xi[4] = {z[0][l % W], z[1][l % W], z[2][l % W], z[3][l % W]};
         const bool reset = md == kModeReset;
         if (reset)
           philox_normal4(seed, philox_counter(uint64_t(j >> 2), ids[l], p.step, tensor,
