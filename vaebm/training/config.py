@@ -156,6 +156,11 @@ EBM_PRESETS: dict[str, dict] = {
                               ld_steps=10, ld_step_size=3e-3, test_ld_steps=16,
                               negative="sample", energy_l2=0.01, buffer_size=0,
                               ckpt_every=50),
+    # StackedMNIST on a 2-core CPU: the Fashion-MNIST CPU recipe on 3-channel stacked digits
+    "stacked_mnist_cpu": dict(energy_preset="mnist_small", steps=200, batch_size=32, lr=5e-5,
+                              ld_steps=10, ld_step_size=3e-3, test_ld_steps=16,
+                              negative="sample", energy_l2=0.01, buffer_size=0,
+                              ckpt_every=50),
     # tests and smoke runs: seconds on a CPU
     "tiny": dict(energy_preset="tiny", steps=4, batch_size=4, lr=1e-3, ld_steps=2,
                  ld_step_size=1e-2, test_ld_steps=2, buffer_size=16, buffer_ramp=2,
@@ -172,6 +177,8 @@ VAE_PRESETS: dict[str, dict] = {
     "fashion_mnist": dict(epochs=100, batch_size=128, lr=1e-2, warmup_epochs=2, wdn=1e-2),
     # the `mnist` NVAE in ~30 minutes of a 2-core CPU (0.65 s per iteration, one thread)
     "fashion_mnist_cpu": dict(steps=2400, batch_size=32, lr=5e-3, warmup_steps=50, wdn=1e-2,
+                              eval_iwae_k=10, eval_batches=8, ckpt_every=200),
+    "stacked_mnist_cpu": dict(steps=2400, batch_size=32, lr=5e-3, warmup_steps=50, wdn=1e-2,
                               eval_iwae_k=10, eval_batches=8, ckpt_every=200),
     "tiny": dict(steps=6, batch_size=4, lr=1e-3, lr_min=1e-4, warmup_steps=2, wdn=1e-2,
                  eval_iwae_k=4, ckpt_every=3, snapshot_every=1, n_samples=4),
