@@ -22,12 +22,13 @@ from _harness import bench, machine, markdown, write_csv  # noqa: E402
 from vaebm.ops import _registry, swish as sw, weight_norm as wn  # noqa: E402
 
 
-def _backends(device):
+def _backends(device, table, fwd, bwd):
+    """(name, forward kernel, backward kernel) of each backend of ``device`` that builds."""
     names = ["cpp"] if device.type == "cpu" else ["cuda", "triton"]
     out = []
     for name in names:
         try:
-            out.append((name, _registry.load(name)))
+            out.append((name, table[fwd][name].get(), table[bwd][name].get()))
         except _registry.BackendUnavailable as e:
             print(f"skipping {name}: {e}", file=sys.stderr)
     return out
@@ -51,7 +52,7 @@ def main(argv=None):
         g = torch.empty_like(x).copy_(g)
         b = torch.randn(args.shape[1], generator=gen).to(dev, dt)
         impls = [("torch", sw._torch_fwd, sw._torch_bwd)]
-        impls += [(n, m.swish_fwd, m.swish_bwd) for n, m in _backends(dev)]
+        impls += _backends(dev, sw.SWISH, "swish_fwd", "swish_bwd")
         base = None
         for name, fwd, bwd in impls:
             r = bench(lambda: (fwd(x, b), bwd(g, x, b)), dev, warmup=3, reps=args.reps)
@@ -62,7 +63,7 @@ def main(argv=None):
     lg = torch.randn(256, generator=gen).to(dev, dt)
     gw = torch.randn(256, 256, 3, 3, generator=gen).to(dev, dt)
     impls = [("torch", wn._torch_fwd, wn._torch_bwd)]
-    impls += [(n, m.weight_norm_fwd, m.weight_norm_bwd) for n, m in _backends(dev)]
+    impls += _backends(dev, wn.WEIGHT_NORM, "weight_norm_fwd", "weight_norm_bwd")
     base = None
     for name, fwd, bwd in impls:
         r = bench(lambda: (fwd(v, lg), bwd(gw, v, lg)), dev, warmup=3, reps=args.reps)

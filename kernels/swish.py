@@ -12,6 +12,9 @@ import torch
 import triton
 import triton.language as tl
 
+# torch.library.triton_op traces kernels started through wrap_triton (torch >= 2.6)
+_wrap = getattr(torch.library, "wrap_triton", lambda kernel: kernel)
+
 _TL_DTYPE = {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}
 FWD, BWD, BWD2 = 0, 1, 2
 
@@ -83,7 +86,7 @@ def _launch(op, x, g, h, bias):
         C = x.shape[1]
         inner = x.numel() // (x.shape[0] * C) if x.is_contiguous() else 1  # else channels_last
         b = bias.to(torch.float32).contiguous()
-    _swish_kernel[(triton.cdiv(n, block),)](
+    _wrap(_swish_kernel)[(triton.cdiv(n, block),)](
         x, x if g is None else g, x if h is None else h, b, out, n, C, inner, OP=op,
         HAS_BIAS=bias is not None, DT=_TL_DTYPE[x.dtype], BLOCK=block,
         WIDE=n + block >= 2**31, num_warps=4)

@@ -18,7 +18,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .swish import _TL_DTYPE, _to_dtype
+from .swish import _TL_DTYPE, _to_dtype, _wrap
 
 EPS = 1e-12  # as vaebm.ops.weight_norm.EPS
 
@@ -103,7 +103,7 @@ def weight_norm_fwd(v, log_g):
     if v.numel() == 0:
         return w
     R, K, rows, block_k, k_tiles, progs = _plan(v)
-    _wn_fwd_kernel[(progs,)](v, log_g.to(torch.float32).contiguous(), w, R, K, EPS=EPS,
+    _wrap(_wn_fwd_kernel)[(progs,)](v, log_g.to(torch.float32).contiguous(), w, R, K, EPS=EPS,
                              DT=_TL_DTYPE[v.dtype], ROWS=rows, BLOCK_K=block_k, K_TILES=k_tiles,
                              num_warps=4)
     return w
@@ -116,7 +116,7 @@ def weight_norm_bwd(grad_w, v, log_g):
     if v.numel() == 0:
         return gv, gl.to(log_g.dtype)
     R, K, rows, block_k, k_tiles, progs = _plan(v)
-    _wn_bwd_kernel[(progs,)](grad_w, v, log_g.to(torch.float32).contiguous(), gv, gl, R, K,
+    _wrap(_wn_bwd_kernel)[(progs,)](grad_w, v, log_g.to(torch.float32).contiguous(), gv, gl, R, K,
                              EPS=EPS, DT=_TL_DTYPE[v.dtype], ROWS=rows, BLOCK_K=block_k,
                              K_TILES=k_tiles, num_warps=4)
     return gv, gl.to(log_g.dtype)

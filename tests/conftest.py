@@ -1,6 +1,7 @@
 import os
 
 import pytest
+import torch
 
 # Triton kernels run on CPU tensors only under the interpreter, and the variable must be set
 # before the module defining the kernels is imported.
@@ -36,3 +37,19 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
+
+
+class _FakeKernel:
+    """A stand-in for one backend's entry in an op table (vaebm.ops._registry.Kernel)."""
+
+    def __init__(self, name, fn, dtypes=(torch.float32, torch.float16, torch.bfloat16)):
+        self.ext, self.name, self.dtypes, self.features, self.fn = "fake", name, dtypes, (), fn
+
+    def get(self):
+        return self.fn
+
+
+@pytest.fixture
+def fake_kernel():
+    """``fake_kernel(op_name, fn)``: an op-table entry whose kernel is ``fn`` (seam tests)."""
+    return _FakeKernel

@@ -576,15 +576,20 @@ def test_eval_exits_1_when_a_metric_is_not_computed(tmp_path, data_root, capsys,
 def test_backends_builds_the_network_kernels_too(monkeypatch, capsys):
     """`vaebm backends` builds every extension, so a later command does not stop for a cold
     compile of the second one (the issue: 121 s of silence in train-ebm)."""
-    from vaebm.ops import _cpp_nn
-    built = []
-    monkeypatch.setattr(_cpp_nn, "_load", lambda: built.append("cpu_nn"))
+    from vaebm.ops import _registry
+    built, real = [], _registry.load_extension
+
+    def fake(key):
+        built.append(key) if key == "cpu_nn" else real(key)
+    monkeypatch.setattr(_registry, "load_extension", fake)
     assert main(["backends"]) == 0
     out = capsys.readouterr().out
     assert "cpu   cpp     ok" in out and built == ["cpu_nn"]
 
-    def broken():
-        raise RuntimeError("no compiler")
-    monkeypatch.setattr(_cpp_nn, "_load", broken)
+    def broken(key):
+        if key == "cpu_nn":
+            raise RuntimeError("no compiler")
+        real(key)
+    monkeypatch.setattr(_registry, "load_extension", broken)
     assert main(["backends"]) == 0
     assert "network kernels failed to build: no compiler" in capsys.readouterr().out

@@ -1,5 +1,5 @@
 // CPU depthwise convolution, stride 1, square odd kernel, zero padding:
-// torch.ops.vaebm_cpu_nn.dwconv2d(x, w, bias, pad) == F.conv2d(x, w, bias, 1, pad, 1, C)
+// torch.ops.vaebm.dwconv2d(x, w, bias, pad) == F.conv2d(x, w, bias, 1, pad, 1, C)
 // for x (B, C, H, W) float32 NCHW-contiguous, w (C, 1, K, K), bias (C,) or None.
 //
 // Why: NVAE's decoder cells run a 5x5 depthwise conv on (B, 6C, H, W) at every Langevin step,
@@ -222,12 +222,8 @@ at::Tensor dwconv2d_wgrad(const at::Tensor& x, const at::Tensor& g, int64_t K, i
 }  // namespace
 }  // namespace vaebm::cpu_nn
 
-TORCH_LIBRARY_FRAGMENT(vaebm_cpu_nn, m) {
-  m.def("dwconv2d(Tensor x, Tensor w, Tensor? bias, int pad) -> Tensor");
-  m.def("dwconv2d_wgrad(Tensor x, Tensor g, int K, int pad) -> Tensor");
-}
-
-TORCH_LIBRARY_IMPL(vaebm_cpu_nn, CPU, m) {
+// schemas: vaebm/ops/_library.py
+TORCH_LIBRARY_IMPL(vaebm, CPU, m) {
   m.impl("dwconv2d", &vaebm::cpu_nn::dwconv2d);
   m.impl("dwconv2d_wgrad", &vaebm::cpu_nn::dwconv2d_wgrad);
 }

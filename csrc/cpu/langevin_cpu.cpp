@@ -1,4 +1,4 @@
-// CPU backend of the fused Langevin ops: torch.ops.vaebm_cpu.langevin_update_ / langevin_reduce.
+// CPU backend of the fused Langevin ops: torch.ops.vaebm.langevin_update_ / langevin_reduce.
 //
 // The update is Eq. 2 of the VAEBM paper (Xiao et al., ICLR 2021) in eps-space with the
 // standard-normal base density of Eq. 9:
@@ -403,16 +403,16 @@ void for_items(const std::vector<Item>& items, int64_t total, Fn f) {
 void check_lists(const std::vector<at::Tensor>& xs, const std::vector<at::Tensor>& gs,
                  const std::vector<at::Tensor>* os) {
   TORCH_CHECK(!xs.empty() && xs.size() == gs.size() && (!os || os->size() == xs.size()),
-              "vaebm_cpu: state, grads (and outs/others) must be non-empty lists of one length");
+              "vaebm::langevin (CPU): state, grads (and outs/others) must be non-empty lists of one length");
   const auto dt = xs[0].scalar_type();
   TORCH_CHECK(dt == at::kFloat || dt == at::kHalf || dt == at::kBFloat16,
-              "vaebm_cpu: dtype must be float32, float16 or bfloat16, got ", dt);
+              "vaebm::langevin (CPU): dtype must be float32, float16 or bfloat16, got ", dt);
   for (size_t k = 0; k < xs.size(); ++k)
     for (const at::Tensor* t : {&xs[k], &gs[k], os ? &(*os)[k] : &xs[k]}) {
       TORCH_CHECK(t->device().is_cpu() && t->is_contiguous() && t->scalar_type() == dt &&
                       t->dim() >= 1 && t->sizes() == xs[k].sizes() && t->numel() > 0 &&
                       t->size(0) == xs[0].size(0),
-                  "vaebm_cpu: tensor ", k, " must be a non-empty contiguous CPU ", dt,
+                  "vaebm::langevin (CPU): tensor ", k, " must be a non-empty contiguous CPU ", dt,
                   " tensor shaped like state[", k, "] with the batch size of state[0]");
     }
 }
@@ -752,20 +752,9 @@ at::Tensor langevin_reduce(at::TensorList states, at::TensorList grads,
 }  // namespace
 }  // namespace vaebm::cpu
 
-TORCH_LIBRARY(vaebm_cpu, m) {
-  m.def("langevin_update_(Tensor[] states, Tensor[] grads, Tensor(a!)[] outs, Tensor step, "
-        "int seed_lo, int seed_hi, int sample_offset, float a, float b, float lam, "
-        "float clip_value, float lo, float hi, Tensor? gscale, Tensor? chain_mode, "
-        "Tensor? chain_ids=None) -> ()");
-  m.def("langevin_reduce(Tensor[] states, Tensor[] grads, Tensor[]? others, float a, float lam, "
-        "float clip_value, Tensor? gscale) -> Tensor");
-  m.def("langevin_step_(Tensor(a!)[] states, Tensor[] grads, Tensor? energy, Tensor(b!) step, "
-        "int seed_lo, int seed_hi, int sample_offset, Tensor? chain_ids, float a, float b, "
-        "float lam, float clip_value, float clip_norm, float lo, float hi, int guard, "
-        "Tensor(c!)? rec, Tensor(d!)? n_guarded) -> ()");
-}
-
-TORCH_LIBRARY_IMPL(vaebm_cpu, CPU, m) {
+// The schemas of these ops are declared once, in Python (vaebm/ops/_library.py), for every
+// backend; this file registers their CPU implementations.
+TORCH_LIBRARY_IMPL(vaebm, CPU, m) {
   m.impl("langevin_update_", &vaebm::cpu::langevin_update_);
   m.impl("langevin_reduce", &vaebm::cpu::langevin_reduce);
   m.impl("langevin_step_", &vaebm::cpu::langevin_step_);

@@ -1,4 +1,4 @@
-// CPU backend of the scaled Swish: torch.ops.vaebm_cpu_nn.swish_fwd / swish_bwd / swish_bwd2.
+// CPU backend of the scaled Swish: torch.ops.vaebm.swish_fwd / swish_bwd / swish_bwd2.
 //
 // VAEBM's energy network (Table 7 of the paper; FACTS.md section 2) uses Swish scaled by 1/1.1
 // so that it is 1-Lipschitz, fused here with the bias add of the conv before it. With
@@ -300,8 +300,8 @@ bool dense(const at::Tensor& x) {
 template <int OP>
 at::Tensor swish_op(const at::Tensor& x, const at::Tensor* g, const at::Tensor* h,
                     const std::optional<at::Tensor>& bias) {
-  static const char* names[] = {"vaebm_cpu_nn::swish_fwd", "vaebm_cpu_nn::swish_bwd",
-                                "vaebm_cpu_nn::swish_bwd2"};
+  static const char* names[] = {"vaebm::swish_fwd", "vaebm::swish_bwd",
+                                "vaebm::swish_bwd2"};
   const char* op = names[OP];
   const auto dt = x.scalar_type();
   TORCH_CHECK(x.device().is_cpu(), op, ": x must be a CPU tensor, got ", x.device());
@@ -360,15 +360,14 @@ int64_t swish_isa() { return int64_t(current_isa()); }
 }  // namespace
 }  // namespace vaebm::cpu_nn
 
-TORCH_LIBRARY_FRAGMENT(vaebm_cpu_nn, m) {
-  m.def("swish_fwd(Tensor x, Tensor? bias) -> Tensor");
-  m.def("swish_bwd(Tensor grad, Tensor x, Tensor? bias) -> Tensor");
-  m.def("swish_bwd2(Tensor gg, Tensor grad, Tensor x, Tensor? bias) -> Tensor");
-  // 0 scalar, 1 AVX2, 2 AVX-512: the path the swish kernels take now (tests, diagnostics)
-  m.def("swish_isa() -> int", &vaebm::cpu_nn::swish_isa);
+// The schemas are declared once, in Python (vaebm/ops/_library.py), for every backend; this file
+// registers the CPU implementations. The one exception is a diagnostic without tensor arguments
+// (so without a dispatch key): 0 scalar, 1 AVX2, 2 AVX-512, the path the Swish kernels take now.
+TORCH_LIBRARY_FRAGMENT(vaebm, m) {
+  m.def("cpu_swish_isa() -> int", &vaebm::cpu_nn::swish_isa);
 }
 
-TORCH_LIBRARY_IMPL(vaebm_cpu_nn, CPU, m) {
+TORCH_LIBRARY_IMPL(vaebm, CPU, m) {
   m.impl("swish_fwd", &vaebm::cpu_nn::swish_fwd);
   m.impl("swish_bwd", &vaebm::cpu_nn::swish_bwd);
   m.impl("swish_bwd2", &vaebm::cpu_nn::swish_bwd2);

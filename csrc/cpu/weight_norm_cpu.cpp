@@ -1,5 +1,5 @@
 // CPU backend of the weight-norm reparameterisation (Salimans & Kingma 2016, with the log-scale
-// parameter of the VAEBM/NVAE convs): torch.ops.vaebm_cpu_nn.weight_norm_fwd / weight_norm_bwd.
+// parameter of the VAEBM/NVAE convs): torch.ops.vaebm.weight_norm_fwd / weight_norm_bwd.
 //
 // Per output channel o, with v_o = v[o].flatten(), n_o = max(||v_o||, EPS), g_o = exp(log_g[o]):
 //     w[o]          = (g_o / n_o) v_o
@@ -126,7 +126,7 @@ at::ScalarType compute_type(at::ScalarType dt) {
 }
 
 at::Tensor weight_norm_fwd(const at::Tensor& v, const at::Tensor& log_g) {
-  check(v, log_g, "vaebm_cpu_nn::weight_norm_fwd");
+  check(v, log_g, "vaebm::weight_norm_fwd");
   const at::Tensor lg = log_g.to(compute_type(v.scalar_type())).contiguous();
   at::Tensor w = at::empty_like(v, at::MemoryFormat::Contiguous);
   if (v.numel() == 0) return w;
@@ -136,7 +136,7 @@ at::Tensor weight_norm_fwd(const at::Tensor& v, const at::Tensor& log_g) {
 
 std::tuple<at::Tensor, at::Tensor> weight_norm_bwd(const at::Tensor& grad_w, const at::Tensor& v,
                                                    const at::Tensor& log_g) {
-  constexpr const char* op = "vaebm_cpu_nn::weight_norm_bwd";
+  constexpr const char* op = "vaebm::weight_norm_bwd";
   check(v, log_g, op);
   TORCH_CHECK(grad_w.device().is_cpu() && grad_w.is_contiguous() &&
                   grad_w.scalar_type() == v.scalar_type() && grad_w.sizes() == v.sizes(),
@@ -153,12 +153,8 @@ std::tuple<at::Tensor, at::Tensor> weight_norm_bwd(const at::Tensor& grad_w, con
 }  // namespace
 }  // namespace vaebm::cpu_nn
 
-TORCH_LIBRARY_FRAGMENT(vaebm_cpu_nn, m) {
-  m.def("weight_norm_fwd(Tensor v, Tensor log_g) -> Tensor");
-  m.def("weight_norm_bwd(Tensor grad_w, Tensor v, Tensor log_g) -> (Tensor, Tensor)");
-}
-
-TORCH_LIBRARY_IMPL(vaebm_cpu_nn, CPU, m) {
+// schemas: vaebm/ops/_library.py
+TORCH_LIBRARY_IMPL(vaebm, CPU, m) {
   m.impl("weight_norm_fwd", &vaebm::cpu_nn::weight_norm_fwd);
   m.impl("weight_norm_bwd", &vaebm::cpu_nn::weight_norm_bwd);
 }

@@ -1,5 +1,5 @@
-// Torch binding of the CUDA Langevin kernels (langevin_cuda.cu): schemas in the vaebm_cuda
-// namespace, CUDA implementations that check their tensors, fill the plain-C++ argument structs
+// Torch binding of the CUDA Langevin kernels (langevin_cuda.cu): CUDA
+// implementations of the vaebm:: ops declared in vaebm/ops/_library.py, that check their tensors, fill the plain-C++ argument structs
 // and launch on the current stream. Lean headers only (no torch/extension.h): builds in seconds.
 //
 // The step counter is read by the kernel through a device pointer and all other metadata is
@@ -107,8 +107,11 @@ void check_launch(cudaError_t err, const char* op) {
 void update_cuda(at::TensorList states, at::TensorList grads, at::TensorList outs,
                  const at::Tensor& step, int64_t seed_lo, int64_t seed_hi, int64_t sample_offset,
                  double a, double b, double lam, double clip_value, double lo, double hi,
-                 const std::optional<at::Tensor>& gscale, const std::optional<at::Tensor>& mode) {
-  constexpr const char* op = "vaebm_cuda::update";
+                 const std::optional<at::Tensor>& gscale, const std::optional<at::Tensor>& mode,
+                 const std::optional<at::Tensor>& chain_ids) {
+  constexpr const char* op = "vaebm::langevin_update_ (CUDA)";
+  // noise keyed by chain id: the cpp kernel only (vaebm.ops.langevin_update_ runs the reference)
+  TORCH_CHECK(!chain_ids.has_value(), op, ": chain_ids are not supported by the CUDA kernel");
   TORCH_CHECK(outs.size() == states.size(), op, ": ", outs.size(), " outputs for ",
               states.size(), " state tensors");
   const std::vector<TensorArgs> args = tensor_args(states, grads, outs, op);
@@ -150,7 +153,7 @@ void update_cuda(at::TensorList states, at::TensorList grads, at::TensorList out
 at::Tensor reduce_cuda(at::TensorList states, at::TensorList grads,
                        const std::optional<at::TensorList>& others, double a, double lam,
                        double clip_value, const std::optional<at::Tensor>& gscale) {
-  constexpr const char* op = "vaebm_cuda::reduce";
+  constexpr const char* op = "vaebm::langevin_reduce (CUDA)";
   const std::vector<TensorArgs> args =
       tensor_args(states, grads, others.has_value() ? *others : at::TensorList(), op);
   const at::Tensor& x0 = states[0];
@@ -175,18 +178,10 @@ at::Tensor reduce_cuda(at::TensorList states, at::TensorList grads,
 
 }  // namespace
 
-// `outs` may be the state tensors themselves (in-place update).
-TORCH_LIBRARY(vaebm_cuda, m) {
-  m.def(
-      "update(Tensor[] states, Tensor[] grads, Tensor(a!)[] outs, Tensor step, int seed_lo, "
-      "int seed_hi, int sample_offset, float a, float b, float lam, float clip_value, float lo, "
-      "float hi, Tensor? gscale=None, Tensor? chain_mode=None) -> ()");
-  m.def(
-      "reduce(Tensor[] states, Tensor[] grads, Tensor[]? others, float a, float lam, "
-      "float clip_value, Tensor? gscale=None) -> Tensor");
-}
-
-TORCH_LIBRARY_IMPL(vaebm_cuda, CUDA, m) {
-  m.impl("update", &update_cuda);
-  m.impl("reduce", &reduce_cuda);
+// The schemas are declared once, in Python (vaebm/ops/_library.py), for every backend; this
+// file registers the CUDA implementations of the ops of csrc/cpu/langevin_cpu.cpp (not
+// langevin_step_, which has a CPU kernel only). `outs` may be the states (in place).
+TORCH_LIBRARY_IMPL(vaebm, CUDA, m) {
+  m.impl("langevin_update_", &update_cuda);
+  m.impl("langevin_reduce", &reduce_cuda);
 }

@@ -1,5 +1,5 @@
-// Torch binding of the CUDA Swish and weight-norm kernels (nn_cuda.cu): schemas in the
-// vaebm_cuda_nn namespace, CUDA implementations that check their tensors, fill the plain-C++
+// Torch binding of the CUDA Swish and weight-norm kernels (nn_cuda.cu): CUDA
+// implementations of the vaebm:: ops declared in vaebm/ops/_library.py, that check their tensors, fill the plain-C++
 // argument structs and launch on the current stream. Lean headers only (no torch/extension.h).
 // Contract: vaebm/ops/swish.py and vaebm/ops/weight_norm.py (the backend seam).
 
@@ -48,8 +48,8 @@ cudaStream_t stream_of(const at::Tensor& t) {
 // x (and grad, gg: same dtype, shape, strides) dense, contiguous or channels_last.
 at::Tensor swish_cuda(SwishOp kind, const at::Tensor& x, const at::Tensor* g,
                       const at::Tensor* h, const std::optional<at::Tensor>& bias) {
-  static const char* names[] = {"vaebm_cuda_nn::swish_fwd", "vaebm_cuda_nn::swish_bwd",
-                                "vaebm_cuda_nn::swish_bwd2"};
+  static const char* names[] = {"vaebm::swish_fwd (CUDA)", "vaebm::swish_bwd (CUDA)",
+                                "vaebm::swish_bwd2 (CUDA)"};
   const char* op = names[int(kind)];
   TORCH_CHECK(x.is_cuda(), op, ": x must be a CUDA tensor, got ", x.device());
   const DType dt = dtype_of(x, op);
@@ -121,7 +121,7 @@ vaebm::cuda_nn::WeightNormArgs wn_args(const at::Tensor& v, const at::Tensor& lo
 }
 
 at::Tensor weight_norm_fwd(const at::Tensor& v, const at::Tensor& log_g) {
-  constexpr const char* op = "vaebm_cuda_nn::weight_norm_fwd";
+  constexpr const char* op = "vaebm::weight_norm_fwd (CUDA)";
   vaebm::cuda_nn::WeightNormArgs a = wn_args(v, log_g, op);
   const c10::cuda::CUDAGuard guard(v.device());
   const at::Tensor lg = log_g.to(at::kFloat).contiguous();
@@ -135,7 +135,7 @@ at::Tensor weight_norm_fwd(const at::Tensor& v, const at::Tensor& log_g) {
 
 std::tuple<at::Tensor, at::Tensor> weight_norm_bwd(const at::Tensor& grad_w, const at::Tensor& v,
                                                    const at::Tensor& log_g) {
-  constexpr const char* op = "vaebm_cuda_nn::weight_norm_bwd";
+  constexpr const char* op = "vaebm::weight_norm_bwd (CUDA)";
   vaebm::cuda_nn::WeightNormArgs a = wn_args(v, log_g, op);
   TORCH_CHECK(grad_w.device() == v.device() && grad_w.is_contiguous() &&
                   grad_w.scalar_type() == v.scalar_type() && grad_w.sizes() == v.sizes(),
@@ -155,15 +155,9 @@ std::tuple<at::Tensor, at::Tensor> weight_norm_bwd(const at::Tensor& grad_w, con
 
 }  // namespace
 
-TORCH_LIBRARY(vaebm_cuda_nn, m) {
-  m.def("swish_fwd(Tensor x, Tensor? bias) -> Tensor");
-  m.def("swish_bwd(Tensor grad, Tensor x, Tensor? bias) -> Tensor");
-  m.def("swish_bwd2(Tensor gg, Tensor grad, Tensor x, Tensor? bias) -> Tensor");
-  m.def("weight_norm_fwd(Tensor v, Tensor log_g) -> Tensor");
-  m.def("weight_norm_bwd(Tensor grad_w, Tensor v, Tensor log_g) -> (Tensor, Tensor)");
-}
-
-TORCH_LIBRARY_IMPL(vaebm_cuda_nn, CUDA, m) {
+// The schemas are declared once, in Python (vaebm/ops/_library.py), for every backend; this file
+// registers the CUDA implementations of the same ops as csrc/cpu/*.cpp.
+TORCH_LIBRARY_IMPL(vaebm, CUDA, m) {
   m.impl("swish_fwd", &swish_fwd);
   m.impl("swish_bwd", &swish_bwd);
   m.impl("swish_bwd2", &swish_bwd2);

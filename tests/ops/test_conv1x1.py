@@ -260,11 +260,10 @@ def test_depthwise_supported_and_errors():
         assert not conv.depthwise_supported(x, w, padding=(2, 2), groups=6)
     with pytest.raises(ValueError, match="unsupported call"):
         conv.depthwise(x, torch.randn(5, 1, 5, 5), None, 2)
-    from vaebm.ops import _cpp_nn
     with pytest.raises(RuntimeError, match="pad must be in"):
-        _cpp_nn.dwconv2d(x, w, None, 7)
+        torch.ops.vaebm.dwconv2d(x, w, None, 7)
     with pytest.raises(RuntimeError, match="NCHW-contiguous"):
-        _cpp_nn.dwconv2d(x.transpose(2, 3), w, None, 2)
+        torch.ops.vaebm.dwconv2d(x.transpose(2, 3), w, None, 2)
 
 
 def test_frozen_nvae_decoder_uses_depthwise_kernel(one_thread, kernels_forced):
@@ -276,7 +275,7 @@ def test_frozen_nvae_decoder_uses_depthwise_kernel(one_thread, kernels_forced):
     with torch.profiler.profile() as prof:
         vae.decode_eps(eps, with_log_prob=True).log_p_x.sum().backward()
     names = {e.key for e in prof.key_averages()}
-    assert "vaebm_cpu_nn::dwconv2d" in names
+    assert "vaebm::dwconv2d" in names
 
 
 def test_depthwise_follows_backend_choice():
@@ -326,9 +325,8 @@ def test_depthwise_train_supported_and_errors():
                                               padding=(8, 8), groups=6)
     with pytest.raises(ValueError, match="depthwise_train: unsupported call"):
         conv.depthwise_train(x.transpose(2, 3), w, 2)
-    from vaebm.ops import _cpp_nn
     with pytest.raises(RuntimeError, match="g must be a contiguous float32"):
-        _cpp_nn.dwconv2d_wgrad(x, torch.randn(2, 6, 7, 8), 5, 2)
+        torch.ops.vaebm.dwconv2d_wgrad(x, torch.randn(2, 6, 7, 8), 5, 2)
 
 
 def test_nvae_training_step_same_with_depthwise_kernel(monkeypatch, one_thread):
@@ -345,7 +343,7 @@ def test_nvae_training_step_same_with_depthwise_kernel(monkeypatch, one_thread):
         loss = (-t["log_p_x"] + sum(t["kl"])).mean()
         with torch.profiler.profile() as prof:
             loss.backward()
-        used = "vaebm_cpu_nn::dwconv2d_wgrad" in {e.key for e in prof.key_averages()}
+        used = "vaebm::dwconv2d_wgrad" in {e.key for e in prof.key_averages()}
         return loss.detach(), {n: p.grad for n, p in m.named_parameters()
                                if p.grad is not None}, used
 

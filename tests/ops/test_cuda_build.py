@@ -18,7 +18,7 @@ from vaebm._paths import csrc_dir
 from vaebm.ops import MODE_KEEP, MODE_RESET, philox_normal, reduce_ref, update_ref
 
 CU = csrc_dir() / "cuda" / "langevin_cuda.cu"
-# what nvcc gets in the real build: torch.utils.cpp_extension's flags, plus vaebm.ops._cuda's
+# what nvcc gets in the real build: torch.utils.cpp_extension's flags, plus vaebm.ops._build.EXTENSIONS["cuda"]'s
 TORCH_NVCC_FLAGS = ["-D__CUDA_NO_HALF_OPERATORS__", "-D__CUDA_NO_HALF_CONVERSIONS__",
                     "-D__CUDA_NO_BFLOAT16_CONVERSIONS__", "-D__CUDA_NO_HALF2_OPERATORS__",
                     "--expt-relaxed-constexpr", "-std=c++17", "-fmad=false"]

@@ -1,4 +1,4 @@
-"""The one-call step op ``vaebm_cpu::langevin_step_`` against its reference
+"""The one-call step op ``vaebm::langevin_step_`` against its reference
 ``vaebm.ops.langevin_ref.step_ref``: narrow rows (the lanes-over-samples kernel), wide rows
 (one pass per sample), mixed states, each guard, gradient clipping by norm and by value, chain
 ids, statistics rows and the step counter, on fresh random inputs with broken chains."""
@@ -29,10 +29,10 @@ CASES = [  # shapes, guard, clip_norm, clip_value, broken rows, chain ids
 @pytest.fixture(scope="module")
 def op():
     try:
-        _registry.load("cpp")
+        _registry.load_extension("cpu")
     except _registry.BackendUnavailable as e:
         pytest.skip(str(e))
-    return torch.ops.vaebm_cpu.langevin_step_
+    return torch.ops.vaebm.langevin_step_
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)

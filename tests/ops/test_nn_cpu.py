@@ -22,12 +22,27 @@ CASES = {"long_rows": ((2, 3, 32, 32), False), "short_rows": ((3, 130, 1, 3), Fa
          "flat": ((1031,), False)}
 
 
+class _CpuNN:
+    """The C++ CPU network kernels: torch.ops.vaebm.<op>, and the ISA the Swish kernels take."""
+
+    def __getattr__(self, name):
+        return getattr(torch.ops.vaebm, name)
+
+    def _load(self):
+        return self
+
+    def swish_isa(self):
+        return torch.ops.vaebm.cpu_swish_isa()
+
+
 @pytest.fixture(scope="module")
 def cpu_nn():
     if not sys.platform.startswith("linux"):
         pytest.skip("the C++ backend is built and tested on Linux")
-    from vaebm.ops import _cpp_nn
-    return _cpp_nn
+    from vaebm.ops import _registry
+
+    _registry.load_extension("cpu_nn")
+    return _CpuNN()
 
 
 @pytest.mark.parametrize("isa", list(ISAS))
@@ -89,7 +104,7 @@ def test_weight_norm_zero_row_and_bad_input(cpu_nn):
 
 
 def test_import_builds_nothing_and_skips_triton():
-    code = ("import sys, vaebm, vaebm.ops._cpp, vaebm.ops._cuda, vaebm.ops._triton_backend\n"
+    code = ("import sys, vaebm, vaebm.ops._library, vaebm.ops._triton_ops, vaebm.ops.conv\n"
             "from vaebm.ops import _build\n"
             "assert 'triton' not in sys.modules, 'importing vaebm imported triton'\n"
             "assert not _build._loaded, _build._loaded\n")

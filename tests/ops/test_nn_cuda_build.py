@@ -17,7 +17,7 @@ from vaebm.ops import weight_norm as wn
 
 CU = csrc_dir() / "cuda" / "nn_cuda.cu"
 BINDING = csrc_dir() / "cuda" / "nn_cuda_binding.cpp"
-# what nvcc gets in the real build: torch.utils.cpp_extension's flags (vaebm.ops._cuda_nn adds
+# what nvcc gets in the real build: torch.utils.cpp_extension's flags (vaebm.ops._build.EXTENSIONS["cuda_nn"] adds
 # only -O3 and the -gencode of the visible GPUs)
 TORCH_NVCC_FLAGS = ["-D__CUDA_NO_HALF_OPERATORS__", "-D__CUDA_NO_HALF_CONVERSIONS__",
                     "-D__CUDA_NO_BFLOAT16_CONVERSIONS__", "-D__CUDA_NO_HALF2_OPERATORS__",

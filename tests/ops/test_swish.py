@@ -1,6 +1,5 @@
 """Scaled Swish (+ fused bias): every backend against the float64 reference, to third order."""
 
-import sys
 import types
 import zlib
 
@@ -10,7 +9,7 @@ import torch.nn.functional as F
 
 from vaebm.ops import BackendUnavailable, use_backend
 from vaebm.ops import _registry
-from vaebm.ops.swish import _torch_bwd, _torch_bwd2, _torch_fwd, resolve_op, swish, swish_ref
+from vaebm.ops.swish import SWISH, _torch_bwd, _torch_bwd2, _torch_fwd, swish, swish_ref
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
@@ -24,7 +23,7 @@ def _backend_or_skip(backend, dtype=torch.float32):
     if backend == "cpp" and DEV != "cpu" or backend == "cuda" and DEV != "cuda":
         pytest.skip(f"{backend} does not run on {DEV}")
     try:
-        resolve_op(torch.device(DEV), dtype, backend, "swish_fwd")
+        _registry.resolve_op(SWISH["swish_fwd"], torch.device(DEV), dtype, backend)
     except BackendUnavailable as e:
         if "does not implement" in str(e) or "needs CUDA" in str(e):
             pytest.skip(str(e))
@@ -148,11 +147,9 @@ def test_is_one_lipschitz_and_scaled():
 
 # ---------------------------------------------------------------- the backend seam
 @pytest.fixture
-def fake_backend(monkeypatch):
+def fake_backend(monkeypatch, fake_kernel):
     """A backend module with swish_* functions that records its calls and layouts."""
-    mod = types.ModuleType("vaebm_fake_swish_backend")
-    mod.calls = []
-    mod.load = lambda: None
+    mod = types.SimpleNamespace(calls=[])
 
     def rec(name, impl):
         def fn(*args):
@@ -160,13 +157,10 @@ def fake_backend(monkeypatch):
             return impl(*args)
         return fn
 
-    mod.swish_fwd = rec("fwd", _torch_fwd)
-    mod.swish_bwd = rec("bwd", _torch_bwd)
-    mod.swish_bwd2 = rec("bwd2", _torch_bwd2)
-    monkeypatch.setitem(sys.modules, mod.__name__, mod)
-    monkeypatch.setitem(_registry._MODULES, "cpp", mod.__name__)
+    for fn, tag, impl in (("swish_fwd", "fwd", _torch_fwd), ("swish_bwd", "bwd", _torch_bwd),
+                          ("swish_bwd2", "bwd2", _torch_bwd2)):
+        monkeypatch.setitem(SWISH[fn], "cpp", fake_kernel(fn, rec(tag, impl)))
     monkeypatch.setattr(_registry, "why_not", lambda name, device: None)
-    monkeypatch.delitem(_registry._failed, "cpp", raising=False)
     monkeypatch.delenv("VAEBM_BACKEND", raising=False)
     return mod
 
@@ -202,7 +196,7 @@ def _env(monkeypatch, value):
 
 
 def test_named_backend_without_the_op_raises_and_auto_falls_back(fake_backend):
-    del fake_backend.swish_fwd
+    del SWISH["swish_fwd"]["cpp"]  # (the fixture restores it)
     x = torch.randn(2, 3, 4)
     with pytest.raises(BackendUnavailable, match="does not implement swish_fwd"):
         swish(x, backend="cpp")

@@ -1,6 +1,5 @@
 """Weight-norm reparameterisation: every backend against the float64 reference, to second order."""
 
-import sys
 import types
 import zlib
 
@@ -8,8 +7,7 @@ import pytest
 import torch
 
 from vaebm.ops import BackendUnavailable, _registry
-from vaebm.ops.swish import resolve_op
-from vaebm.ops.weight_norm import _torch_bwd, _torch_fwd, weight_norm, weight_norm_ref
+from vaebm.ops.weight_norm import WEIGHT_NORM, _torch_bwd, _torch_fwd, weight_norm, weight_norm_ref
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
@@ -22,7 +20,7 @@ def _backend_or_skip(backend, dtype=torch.float32):
     if backend == "cpp" and DEV != "cpu" or backend == "cuda" and DEV != "cuda":
         pytest.skip(f"{backend} does not run on {DEV}")
     try:
-        resolve_op(torch.device(DEV), dtype, backend, "weight_norm_fwd")
+        _registry.resolve_op(WEIGHT_NORM["weight_norm_fwd"], torch.device(DEV), dtype, backend)
     except BackendUnavailable as e:
         if "does not implement" in str(e) or "needs CUDA" in str(e):
             pytest.skip(str(e))
@@ -104,20 +102,18 @@ def test_opcheck():
         assert all(r == "SUCCESS" for r in result.values()), result
 
 
-def test_backend_seam(monkeypatch):
-    mod = types.ModuleType("vaebm_fake_wn_backend")
-    mod.calls, mod.load = [], lambda: None
-    mod.weight_norm_fwd = lambda *a: mod.calls.append("fwd") or _torch_fwd(*a)
-    mod.weight_norm_bwd = lambda *a: mod.calls.append("bwd") or _torch_bwd(*a)
-    monkeypatch.setitem(sys.modules, mod.__name__, mod)
-    monkeypatch.setitem(_registry._MODULES, "cpp", mod.__name__)
+def test_backend_seam(monkeypatch, fake_kernel):
+    mod = types.SimpleNamespace(calls=[])
+    fwd = fake_kernel("weight_norm_fwd", lambda *a: mod.calls.append("fwd") or _torch_fwd(*a))
+    bwd = fake_kernel("weight_norm_bwd", lambda *a: mod.calls.append("bwd") or _torch_bwd(*a))
+    monkeypatch.setitem(WEIGHT_NORM["weight_norm_fwd"], "cpp", fwd)
+    monkeypatch.setitem(WEIGHT_NORM["weight_norm_bwd"], "cpp", bwd)
     monkeypatch.setattr(_registry, "why_not", lambda name, device: None)
-    monkeypatch.delitem(_registry._failed, "cpp", raising=False)
     v = torch.randn(4, 3, 3, 3, requires_grad=True)
     log_g = torch.zeros(4, requires_grad=True)
     weight_norm(v, log_g, backend="cpp").sum().backward()
     assert mod.calls == ["fwd", "bwd"]
-    del mod.weight_norm_bwd
+    del WEIGHT_NORM["weight_norm_bwd"]["cpp"]
     with pytest.raises(BackendUnavailable, match="does not implement weight_norm_bwd"):
         weight_norm(v, log_g, backend="cpp").sum().backward()
     mod.calls.clear()

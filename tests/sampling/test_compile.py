@@ -1,5 +1,5 @@
 """torch.compile (inductor) of a whole FusedLangevin step, and torch.library.opcheck of the three
-``vaebm_cpu`` Langevin ops (with the fake implementations of ``vaebm.ops._fake``).
+``vaebm`` Langevin ops (with the fake implementations of ``vaebm.ops._library``).
 
 Compiling is slow on a small CPU machine: a cold inductor cache costs ~10 s (cpp) and ~30 s
 (torch backend: the Philox reference is compiled) here; a warm one a few seconds.
@@ -28,20 +28,15 @@ def energy(x):
 
 @pytest.fixture(scope="module")
 def cpp_ops():
-    """The vaebm_cpu ops, built, with their fake implementations registered.
-
-    ``import vaebm.ops._fake`` is what ``vaebm/ops/_cpp.py``'s ``load()`` should do once the
-    extension is loaded; until it does, the tests do it here."""
+    """The vaebm Langevin ops with their CPU kernels built (schemas and fakes are declared at
+    import, in vaebm.ops._library)."""
     from vaebm.ops import _registry
 
     try:
-        _registry.resolve(torch.device("cpu"), "cpp")
+        _registry.load_extension("cpu")
     except BackendUnavailable as e:
         pytest.skip(f"cpp backend unavailable: {e}")
-    import vaebm.ops._fake as fake
-
-    assert fake.register_fakes() == {"langevin_update_", "langevin_reduce", "langevin_step_"}
-    return torch.ops.vaebm_cpu
+    return torch.ops.vaebm
 
 
 def _arg_names(op) -> list[str]:
@@ -59,9 +54,9 @@ def test_no_op_argument_is_named_mode(cpp_ops):
 def test_fakes_take_the_schemas_argument_names(cpp_ops):
     import inspect
 
-    import vaebm.ops._fake as fake
+    from vaebm.ops import _library
 
-    for name, fn in fake._FAKES.items():
+    for name, fn in _library.FAKES.items():
         params = list(inspect.signature(fn).parameters)
         assert params == _arg_names(getattr(cpp_ops, name)), name
 
@@ -72,7 +67,7 @@ def _ops_in(graphs) -> set[str]:
     for g in graphs:
         for n in g.graph.nodes:
             name = str(n.target)
-            if name.startswith("vaebm_cpu."):
+            if name.startswith("vaebm."):
                 out.add(name.removesuffix(".default"))
     return out
 
@@ -110,7 +105,7 @@ def test_whole_step_compiles_with_inductor(backend, cpp_ops, one_thread):
     assert sb.t == 3 and sb.stats.steps == 3 and int(sb.step_t) == 3
     assert graphs, "nothing was compiled"
     if backend == "cpp":  # the whole update is the custom op, inside the compiled graph
-        assert "vaebm_cpu.langevin_step_" in _ops_in(graphs)
+        assert "vaebm.langevin_step_" in _ops_in(graphs)
 
 
 def test_compiled_step_is_not_recompiled_every_step(cpp_ops, one_thread):
@@ -162,7 +157,7 @@ def test_mala_step_compiles_on_cpp(cpp_ops, one_thread):
     torch.testing.assert_close(xb, xa, rtol=0, atol=1e-6)
     called = _ops_in(graphs)
     # the mutating op went into an inductor graph (through auto_functionalize)
-    assert {"vaebm_cpu.langevin_update_", "vaebm_cpu.langevin_reduce"} <= called, called
+    assert {"vaebm.langevin_update_", "vaebm.langevin_reduce"} <= called, called
 
 
 # --------------------------------------------------------------------------------------- opcheck

@@ -6,21 +6,20 @@ from __future__ import annotations
 def cmd_backends(args) -> int:
     """Which kernel backends can run here; builds every extension (the Langevin kernels and the
     network kernels: Swish, weight norm, depthwise conv) so later commands start at once."""
-    import importlib
-
     import torch
 
-    from ..ops import available_backends
+    from ..ops import _registry, available_backends
 
-    nn_modules = {"cpp": "vaebm.ops._cpp_nn", "cuda": "vaebm.ops._cuda_nn"}
     devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
     for dev in devices:
         for name, reason in available_backends(dev).items():
-            if reason is None and name in nn_modules:
-                try:  # the second extension of the backend: its network kernels
-                    importlib.import_module(nn_modules[name])._load()
-                except Exception as e:  # a build failure: the layers fall back to PyTorch
-                    reason = f"Langevin kernels ok; network kernels failed to build: {e}"
+            if reason is None:
+                # the backend's other extensions: its network kernels
+                for key in _registry._BACKEND_EXTS.get(name, ())[1:]:
+                    try:
+                        _registry.load_extension(key)
+                    except Exception as e:  # a build failure: the layers fall back to PyTorch
+                        reason = f"Langevin kernels ok; network kernels failed to build: {e}"
             print(f"{dev:5s} {name:7s} {'ok' if reason is None else 'unavailable: ' + reason}")
     return 0
 

@@ -18,7 +18,9 @@ import platform
 import shutil
 import sys
 import tempfile
+import threading
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -27,13 +29,72 @@ from .._paths import csrc_dir
 
 _loaded: dict[str, str] = {}
 
-# what each extension is, for the message before a build
-_WHAT = {
-    "vaebm_cpu": "the C++ CPU kernels of the fused Langevin step",
-    "vaebm_cpu_nn": "the C++ CPU kernels of the networks (Swish, weight norm, depthwise conv)",
-    "vaebm_cuda": "the CUDA kernels of the fused Langevin step",
-    "vaebm_cuda_nn": "the CUDA kernels of the networks (Swish, weight norm)",
+
+@dataclass(frozen=True)
+class Extension:
+    """One compiled library: sources (relative to csrc/), flags, and what it is (for the message
+    before a build). Every op it implements is declared in :mod:`._library`."""
+    name: str
+    sources: tuple
+    what: str
+    cflags: tuple = ()
+    ldflags: tuple = ()
+    cuda_cflags: tuple = ()  # non-empty: built with nvcc for the visible GPUs
+
+    @property
+    def cuda(self) -> bool:
+        return bool(self.cuda_cflags)
+
+
+_CPU = ("-O3", "-fopenmp", "-fno-math-errno", "-Wno-psabi")
+EXTENSIONS: dict[str, Extension] = {
+    # explicit AVX2 / AVX-512 kernels chosen at run time (no -march: any x86-64 runs them);
+    # OpenMP in compile and link flags (else at::parallel_for runs on one thread); the Langevin
+    # update without FP contraction, so it rounds op by op like the PyTorch reference
+    "cpu": Extension("vaebm_cpu", ("cpu/langevin_cpu.cpp",),
+                     "the C++ CPU kernels of the fused Langevin step",
+                     cflags=(*_CPU, "-ffp-contract=off"), ldflags=("-fopenmp",)),
+    "cpu_nn": Extension("vaebm_cpu_nn", ("cpu/swish_cpu.cpp", "cpu/weight_norm_cpu.cpp",
+                                         "cpu/dwconv_cpu.cpp"),
+                        "the C++ CPU kernels of the networks (Swish, weight norm, depthwise conv)",
+                        cflags=_CPU, ldflags=("-fopenmp",)),
+    # explicit -gencode for the visible GPUs; accurate logf/sinf/cosf and no FMA contraction
+    # (-fmad=false) in the Langevin kernels, so the normals and the update match the reference
+    "cuda": Extension("vaebm_cuda", ("cuda/langevin_cuda_binding.cpp", "cuda/langevin_cuda.cu"),
+                      "the CUDA kernels of the fused Langevin step", cflags=("-O3",),
+                      cuda_cflags=("-O3", "-fmad=false")),
+    "cuda_nn": Extension("vaebm_cuda_nn", ("cuda/nn_cuda_binding.cpp", "cuda/nn_cuda.cu"),
+                         "the CUDA kernels of the networks (Swish, weight norm)",
+                         cflags=("-O3",), cuda_cflags=("-O3",)),
 }
+_lock = threading.Lock()
+
+
+def load_extension(key: str) -> None:
+    """Build (or reuse from the cache) and load extension ``key`` of :data:`EXTENSIONS` into
+    ``torch.ops.vaebm``; raises with the reason (no CUDA, a compiler log) if it cannot."""
+    ext = EXTENSIONS[key]
+    if ext.name in _loaded:
+        return
+    from . import _library  # noqa: F401  (the schemas the extension implements)
+    if not ext.cuda:
+        build_extension(ext.name, list(ext.sources), cflags=list(ext.cflags),
+                        ldflags=list(ext.ldflags))
+        return
+    if torch.version.cuda is None:
+        raise RuntimeError(f"this torch build ({torch.__version__}) has no CUDA support")
+    if not torch.cuda.is_available():
+        raise RuntimeError("no CUDA device is available (torch.cuda.is_available() is False)")
+    with _lock:
+        if ext.name in _loaded:
+            return
+        caps = sorted({torch.cuda.get_device_capability(i)
+                       for i in range(torch.cuda.device_count())})
+        gencode = [f"-gencode=arch=compute_{ma}{mi},code=sm_{ma}{mi}" for ma, mi in caps]
+        target = "cuda{}-{}".format(torch.version.cuda, "-".join(f"sm{ma}{mi}" for ma, mi in caps))
+        build_extension(ext.name, list(ext.sources), cflags=list(ext.cflags),
+                        ldflags=list(ext.ldflags), cuda_cflags=[*ext.cuda_cflags, *gencode],
+                        target=target)
 
 
 class BuildError(RuntimeError):
@@ -104,7 +165,8 @@ def _announce(name: str, final: Path, target: str) -> float:
     """Say (stderr, unless quiet) what is about to be compiled and why; returns the start time."""
     from .._progress import say
 
-    what = _WHAT.get(name) or ("the C++ CPU kernels" if target == "cpu" else "the GPU kernels")
+    what = next((e.what for e in EXTENSIONS.values() if e.name == name),
+                "the C++ CPU kernels" if target == "cpu" else "the GPU kernels")
     older = sorted((p for p in final.parent.glob(f"{name}-*")
                     if p.is_dir() and p.name != final.name), key=lambda p: p.stat().st_mtime)
     why = (f"its sources, flags, torch or Python changed since the cached build {older[-1].name}"

@@ -9,7 +9,6 @@ a backend asked for by name must run or raise :class:`BackendUnavailable` saying
 from __future__ import annotations
 
 import contextlib
-import importlib
 import logging
 import os
 import threading
@@ -20,10 +19,86 @@ log = logging.getLogger("vaebm")
 
 BACKENDS = ("torch", "cpp", "triton", "cuda")
 _AUTO_ORDER = {"cpu": ("cpp", "torch"), "cuda": ("cuda", "triton", "torch")}
-_MODULES = {"cpp": "vaebm.ops._cpp", "cuda": "vaebm.ops._cuda", "triton": "vaebm.ops._triton_backend"}
+# what loading a backend as a whole means (``vaebm backends``): its extensions
+_BACKEND_EXTS = {"cpp": ("cpu", "cpu_nn"), "cuda": ("cuda", "cuda_nn"), "triton": ("triton",)}
 
 _local = threading.local()
-_failed: dict[str, str] = {}
+_failed: dict[str, str] = {}  # extension key -> why it failed (auto skips it from then on)
+
+
+class Kernel:
+    """One backend's implementation of an op: the extension that holds it (a key of
+    ``_build.EXTENSIONS``, or ``"triton"``), the op's name there and the dtypes it serves.
+    ``get()`` returns the callable (an op overload), built on first use."""
+
+    __slots__ = ("ext", "name", "dtypes", "features")
+
+    def __init__(self, ext: str, name: str, dtypes: tuple, features: tuple = ()):
+        self.ext, self.name, self.dtypes, self.features = ext, name, tuple(dtypes), features
+
+    def get(self):
+        load_extension(self.ext)
+        return getattr(torch.ops.vaebm, self.name).default
+
+
+def load_extension(key: str) -> None:
+    """Build/load one extension (``"cpu"``, ``"cpu_nn"``, ``"cuda"``, ``"cuda_nn"``) or the
+    Triton launchers (``"triton"``); raises BackendUnavailable with the cause."""
+    try:
+        if key == "triton":
+            from . import _triton_ops
+            _triton_ops.load()
+        else:
+            from . import _build
+            _build.load_extension(key)
+    except BackendUnavailable:
+        raise
+    except Exception as e:  # a build failure carries the compiler log in its message
+        raise BackendUnavailable(f"{_EXT_BACKEND.get(key, key)} backend ({key} kernels) "
+                                 f"failed to load: {e}") from e
+
+
+_EXT_BACKEND = {e: b for b, exts in _BACKEND_EXTS.items() for e in exts}
+
+
+def resolve_op(table: dict, device: torch.device, dtype: torch.dtype,
+               backend: str | None = None, *, need: tuple = ()):
+    """(backend name, callable) that will run an op on ``device`` / ``dtype``; the callable is
+    None for the PyTorch implementation. ``table`` maps backend names to :class:`Kernel`s (each
+    op file holds its own). Order: the explicit ``backend``, then :func:`use_backend`, then
+    ``VAEBM_BACKEND``, then ``"auto"``. A backend named explicitly must serve the op, the dtype
+    and the ``need``-ed features, or raise :class:`BackendUnavailable` saying why; ``"auto"``
+    tries the device's backends fastest first and quietly skips the ones that cannot (a build
+    failure is logged once)."""
+    name = requested_backend(backend)
+    if name == "torch":
+        return "torch", None
+    if name != "auto":
+        reason = why_not(name, device)
+        if reason:
+            raise BackendUnavailable(reason)
+        k = table.get(name)
+        if k is None or not set(need) <= set(k.features):
+            what = (k or next(iter(table.values()))).name.removeprefix("triton_")
+            extra = f" with {', '.join(need)}" if k is not None else ""
+            raise BackendUnavailable(f"the {name} backend does not implement {what}{extra}; "
+                                     f"use backend='torch' or 'auto'")
+        if dtype not in k.dtypes:
+            raise BackendUnavailable(f"the {name} backend's {k.name} supports "
+                                     f"{', '.join(map(str, k.dtypes))}, got {dtype}")
+        return name, k.get()
+    for cand in _AUTO_ORDER.get(device.type, ("torch",)):
+        k = table.get(cand)
+        if k is None or dtype not in k.dtypes or not set(need) <= set(k.features):
+            continue
+        if k.ext in _failed or why_not(cand, device):
+            continue
+        try:
+            return cand, k.get()
+        except BackendUnavailable as e:
+            _failed[k.ext] = str(e)
+            log.warning("vaebm: %s backend unavailable, falling back: %s", cand, e)
+    return "torch", None
 
 
 class BackendUnavailable(RuntimeError):
@@ -80,37 +155,17 @@ def why_not(name: str, device: torch.device) -> str | None:
     return None
 
 
-def load(name: str):
-    """Import and build backend module ``name``; raises BackendUnavailable with the cause."""
-    if name == "torch":
-        return None
-    try:
-        mod = importlib.import_module(_MODULES[name])
-        mod.load()
-        return mod
-    except BackendUnavailable:
-        raise
-    except Exception as e:  # a build failure carries the compiler log in its message
-        raise BackendUnavailable(f"backend {name!r} failed to load: {e}") from e
+def load(name: str) -> None:
+    """Build/load every extension of backend ``name`` (``vaebm backends``); raises
+    BackendUnavailable with the cause."""
+    for key in _BACKEND_EXTS.get(name, ()):
+        load_extension(key)
 
 
 def resolve(device: torch.device, backend: str | None = None):
-    """(name, module) of the backend that will run an op on ``device``."""
-    name = requested_backend(backend)
-    if name != "auto":
-        reason = why_not(name, device)
-        if reason:
-            raise BackendUnavailable(reason)
-        return name, load(name)
-    for cand in _AUTO_ORDER.get(device.type, ("torch",)):
-        if cand in _failed or why_not(cand, device):
-            continue
-        try:
-            return cand, load(cand)
-        except BackendUnavailable as e:
-            _failed[cand] = str(e)
-            log.warning("vaebm: %s backend unavailable, falling back: %s", cand, e)
-    return "torch", None
+    """(name, update op) of the backend that runs the fused Langevin ops on ``device``."""
+    from .langevin import UPDATE
+    return resolve_op(UPDATE, device, torch.float32, backend)
 
 
 def available_backends(device: str | torch.device = "cpu") -> dict[str, str | None]:
@@ -120,8 +175,8 @@ def available_backends(device: str | torch.device = "cpu") -> dict[str, str | No
     for name in BACKENDS:
         reason = why_not(name, device)
         if reason is None and name != "torch":
-            try:
-                load(name)
+            try:  # the backend's first extension: its Langevin kernels
+                load_extension(_BACKEND_EXTS[name][0])
             except BackendUnavailable as e:
                 reason = str(e)
         out[name] = reason

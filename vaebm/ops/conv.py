@@ -267,6 +267,9 @@ def depthwise_supported(x: Tensor, weight: Tensor, stride=(1, 1), padding=(0, 0)
             and _depthwise_call_ok(x, weight, stride, padding, dilation, groups))
 
 
+# backend -> kernel (vaebm::dwconv2d / dwconv2d_wgrad, declared in _library; C++ CPU only)
+DWCONV = {"cpp": _registry.Kernel("cpu_nn", "dwconv2d", (torch.float32,))}
+DWCONV_WGRAD = {"cpp": _registry.Kernel("cpu_nn", "dwconv2d_wgrad", (torch.float32,))}
 _KERNEL: list = []  # [True/False] once the C++ extension was tried
 
 
@@ -276,30 +279,35 @@ def _kernel_ok() -> bool:
     if _registry.requested_backend() not in ("auto", "cpp"):
         return False
     if not _KERNEL:
-        from . import _cpp_nn
         try:
-            _cpp_nn._load()
-            _KERNEL.append(True)
-        except Exception as e:  # no compiler, ...: the reference path still works
+            _KERNEL.append(_registry.resolve_op(DWCONV, torch.device("cpu"), torch.float32,
+                                                "cpp")[0] == "cpp")
+        except _registry.BackendUnavailable as e:  # no compiler, ...: F.conv2d still works
             log.warning("vaebm: depthwise conv kernel unavailable, using F.conv2d: %s", e)
             _KERNEL.append(False)
     return _KERNEL[0]
+
+
+def _dw(x, w, bias, pad):
+    return torch.ops.vaebm.dwconv2d(x, w, bias, int(pad))
+
+
+def _dw_wgrad(x, g, k, pad):
+    return torch.ops.vaebm.dwconv2d_wgrad(x, g, int(k), int(pad))
 
 
 class _Depthwise(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, weight_flip, bias, pad):
         ctx.weight_flip, ctx.pad, ctx.k = weight_flip, pad, weight.shape[-1]
-        from . import _cpp_nn
-        return _cpp_nn.dwconv2d(x, weight, bias, pad)
+        return _dw(x, weight, bias, pad)
 
     @staticmethod
     def backward(ctx, grad):
         gx = None
         if ctx.needs_input_grad[0]:
             # stride 1: d/dx of the conv is the same conv of grad with the flipped kernel
-            from . import _cpp_nn
-            gx = _cpp_nn.dwconv2d(grad.contiguous(), ctx.weight_flip, None, ctx.k - 1 - ctx.pad)
+            gx = _dw(grad.contiguous(), ctx.weight_flip, None, ctx.k - 1 - ctx.pad)
         return gx, None, None, None, None
 
 
@@ -325,8 +333,7 @@ def depthwise(x: Tensor, weight: Tensor, bias: Tensor | None, padding: int,
     b = None if bias is None else bias.detach().float().contiguous()
     if x.requires_grad and torch.is_grad_enabled():
         return _Depthwise.apply(x, weight.contiguous(), weight_flip, b, int(padding))
-    from . import _cpp_nn
-    return _cpp_nn.dwconv2d(x, weight.contiguous(), b, int(padding))
+    return _dw(x, weight.contiguous(), b, padding)
 
 
 # ----------------------------------------------------------------------------- depthwise, training
@@ -344,23 +351,21 @@ class _DepthwiseTrain(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, pad):
-        from . import _cpp_nn
         ctx.save_for_backward(x, weight)
         ctx.pad = pad
-        return _cpp_nn.dwconv2d(x, weight, None, pad)
+        return _dw(x, weight, None, pad)
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad):
-        from . import _cpp_nn
         x, w = ctx.saved_tensors
         k, pad = w.shape[-1], ctx.pad
         grad = grad.contiguous()
         gx = gw = None
         if ctx.needs_input_grad[0]:
-            gx = _cpp_nn.dwconv2d(grad, w.flip(-1, -2).contiguous(), None, k - 1 - pad)
+            gx = _dw(grad, w.flip(-1, -2).contiguous(), None, k - 1 - pad)
         if ctx.needs_input_grad[1]:
-            gw = _cpp_nn.dwconv2d_wgrad(x, grad, k, pad)
+            gw = _dw_wgrad(x, grad, k, pad)
         return gx, gw, None
 
 

@@ -1,7 +1,8 @@
 """Dispatching front-ends of the fused Langevin ops (the maths is in :mod:`.langevin_ref`).
 
-Every backend module (``_cpp``, ``_cuda``, ``_triton_backend``) implements ``update_`` and
-``reduce`` with the reference's semantics on validated, contiguous tensors of one dtype.
+The ops ``vaebm::langevin_update_``, ``langevin_reduce`` and ``langevin_step_`` are declared
+once (:mod:`._library`); the tables below say which backend implements which, in which dtypes.
+Every implementation has the reference's semantics on validated, contiguous tensors of one dtype.
 """
 
 from __future__ import annotations
@@ -11,10 +12,22 @@ from typing import Sequence
 
 import torch
 
+from . import _library  # noqa: F401  (the op schemas)
 from . import _registry
+from ._registry import Kernel
 from .langevin_ref import reduce_ref, update_ref
 
 FAST_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+_MASK = 0xFFFFFFFF
+
+# backend -> kernel of each op (the references: langevin_ref.update_ref / reduce_ref / step_ref)
+UPDATE = {"cpp": Kernel("cpu", "langevin_update_", FAST_DTYPES, ("chain_ids",)),
+          "cuda": Kernel("cuda", "langevin_update_", FAST_DTYPES),
+          "triton": Kernel("triton", "triton_langevin_update_", FAST_DTYPES)}
+REDUCE = {"cpp": Kernel("cpu", "langevin_reduce", FAST_DTYPES),
+          "cuda": Kernel("cuda", "langevin_reduce", FAST_DTYPES),
+          "triton": Kernel("triton", "triton_langevin_reduce", FAST_DTYPES)}
+STEP = {"cpp": Kernel("cpu", "langevin_step_", FAST_DTYPES)}  # one call per step: cpp only
 
 
 def _as_list(x, what: str) -> list[torch.Tensor]:
@@ -75,14 +88,8 @@ def _step_tensor(step, device):
     return torch.tensor([int(step)], dtype=torch.int64, device=device)
 
 
-def _pick(states, backend):
-    name, mod = _registry.resolve(states[0].device, backend)
-    if mod is not None and states[0].dtype not in FAST_DTYPES:
-        if _registry.requested_backend(backend) != "auto":
-            raise _registry.BackendUnavailable(
-                f"the {name} backend supports {', '.join(map(str, FAST_DTYPES))}, got {states[0].dtype}")
-        return "torch", None
-    return name, mod
+def _pick(table, states, backend):
+    return _registry.resolve_op(table, states[0].device, states[0].dtype, backend)
 
 
 def langevin_update_(states, grads, outs=None, *, seed: int, step=0, sample_offset: int = 0,
@@ -119,27 +126,28 @@ def langevin_update_(states, grads, outs=None, *, seed: int, step=0, sample_offs
     B, dev = states[0].shape[0], states[0].device
     gscale = _per_sample(gscale, B, torch.float32, dev, "gscale")
     mode = _per_sample(mode, B, torch.int32, dev, "mode")
-    args = dict(seed=int(seed), sample_offset=int(sample_offset), a=eta / 2,
-                b=float(sigma) * math.sqrt(eta), lam=float(lam), clip_value=cv, lo=lo, hi=hi,
-                gscale=gscale, mode=mode)
-    name, mod = _pick(states, backend)
+    a, b = eta / 2, float(sigma) * math.sqrt(eta)
+    name, fn = _pick(UPDATE, states, backend)
     step_t = _step_tensor(step, dev)
     if chain_ids is not None:
         if chain_ids.shape != (B,):
             raise ValueError(f"chain_ids must have shape ({B},), got {tuple(chain_ids.shape)}")
         chain_ids = chain_ids.to(device=dev, dtype=torch.int64).contiguous()
-        if not getattr(mod, "CHAIN_IDS", False):
-            mod = None
-        else:
-            args["chain_ids"] = chain_ids
-    if mod is None:
-        return update_ref(states, grads, outs, step=step_t, samples=chain_ids, **args)
+        if fn is not None and "chain_ids" not in UPDATE[name].features:
+            fn = None  # (the cuda and triton kernels key noise by row: run the reference)
+    if fn is None:
+        return update_ref(states, grads, outs, step=step_t, samples=chain_ids, seed=int(seed),
+                          sample_offset=int(sample_offset), a=a, b=b, lam=float(lam),
+                          clip_value=cv, lo=lo, hi=hi, gscale=gscale, mode=mode)
     cs = [x.contiguous() for x in states]
     cg = [g.contiguous() for g in grads]
     # a non-contiguous output is written through a contiguous buffer, then copied back
     co = [o if o.is_contiguous() else torch.empty(o.shape, dtype=o.dtype, device=o.device)
           for o in outs]
-    mod.update_(cs, cg, co, step=step_t, **args)
+    seed = int(seed)
+    # the 64-bit seed travels as two 32-bit halves; only sample_offset mod 2**32 enters Philox
+    fn(cs, cg, co, step_t, seed & _MASK, seed >> 32, int(sample_offset) & _MASK, a, b,
+       float(lam), cv, lo, hi, gscale, mode, chain_ids)
     for o, c in zip(outs, co):
         if c is not o:
             o.copy_(c)
@@ -159,11 +167,11 @@ def langevin_reduce(states, grads, others=None, *, step_size: float = 0.0, lam: 
         others = _as_list(others, "others")
         _check_like(others, states, "others")
     B, dev = states[0].shape[0], states[0].device
-    args = dict(a=float(step_size) / 2, lam=float(lam),
-                clip_value=0.0 if clip_value is None else float(clip_value),
-                gscale=_per_sample(gscale, B, torch.float32, dev, "gscale"))
-    name, mod = _pick(states, backend)
-    if mod is None:
-        return reduce_ref(states, grads, others, **args)
+    a, cv = float(step_size) / 2, 0.0 if clip_value is None else float(clip_value)
+    gscale = _per_sample(gscale, B, torch.float32, dev, "gscale")
+    name, fn = _pick(REDUCE, states, backend)
+    if fn is None:
+        return reduce_ref(states, grads, others, a=a, lam=float(lam), clip_value=cv,
+                          gscale=gscale)
     c = lambda ts: None if ts is None else [t.contiguous() for t in ts]  # noqa: E731
-    return mod.reduce(c(states), c(grads), c(others), **args)
+    return fn(c(states), c(grads), c(others), a, float(lam), cv, gscale)

@@ -16,19 +16,19 @@ Three custom ops carry it through the dispatcher, each differentiable so that do
 
 The third derivative, needed only to differentiate ``swish_backward2``, is plain PyTorch.
 
-Backend seam: a backend module (``vaebm.ops._cpp``, ``_triton_backend``, ``_cuda``) serves Swish
-by defining ``swish_fwd(x, bias)``, ``swish_bwd(grad, x, bias)`` and ``swish_bwd2(gg, grad, x,
-bias)`` with the semantics of :func:`_torch_fwd`, :func:`_torch_bwd`, :func:`_torch_bwd2`. They
-get x, grad, gg of one dtype, one shape and identical dense strides (contiguous or channels_last),
-bias None or contiguous (C,) of any float dtype, and return a tensor of x's dtype; half types are
-computed in fp32. The dtypes served are the module's ``KERNEL_DTYPES`` (default fp32/fp16/bf16; a
-CPU backend should add float64 so gradcheck runs on it). ``auto`` skips a backend module that
-lacks the function or the dtype; a backend named explicitly raises instead.
+Backend seam: the kernels ``vaebm::swish_fwd(x, bias)``, ``swish_bwd(grad, x, bias)`` and
+``swish_bwd2(gg, grad, x, bias)`` (declared in :mod:`._library`; C++ CPU and CUDA
+implementations, Triton ones as ``vaebm::triton_swish_*``) have the semantics of
+:func:`_torch_fwd`, :func:`_torch_bwd`, :func:`_torch_bwd2`; :data:`SWISH` says which backend
+serves which dtypes. They get x, grad, gg of one dtype, one shape and identical dense strides
+(contiguous or channels_last), bias None or contiguous (C,) of any float dtype, and return a
+tensor of x's dtype; half types are computed in fp32 (the C++ CPU kernels also take float64, so
+gradcheck runs on them). ``auto`` skips a backend lacking the function or the dtype; a backend
+named explicitly raises instead (:func:`vaebm.ops._registry.resolve_op`).
 """
 
 from __future__ import annotations
 
-import importlib
 import logging
 from typing import Optional
 
@@ -36,7 +36,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from . import _library  # noqa: F401  (the op schemas)
 from . import _registry
+from ._registry import Kernel
 
 log = logging.getLogger("vaebm")
 
@@ -56,55 +58,12 @@ def swish_ref(x: Tensor, bias: Tensor | None = None) -> Tensor:
     return (y * torch.sigmoid(y) / 1.1).to(x.dtype)
 
 
-# ------------------------------------------------------------------ backend resolution
-def resolve_op(device: torch.device, dtype: torch.dtype, backend: str | None, fn: str):
-    """(name, module) that will run backend function ``fn`` (e.g. ``"swish_fwd"``); module None
-    means the PyTorch implementation. Same order as :mod:`._registry`: explicit argument, then
-    ``use_backend``, then ``VAEBM_BACKEND``, then ``auto``. A backend asked for by name must serve
-    ``fn`` or raise :class:`BackendUnavailable`; ``auto`` quietly skips backends lacking it.
-    """
-    name = _registry.requested_backend(backend or None)
-    if name != "auto":
-        if name == "torch":
-            return "torch", None
-        reason = _registry.why_not(name, device)
-        if reason:
-            raise _registry.BackendUnavailable(reason)
-        if _module(name, fn) is None:  # said before building anything
-            raise _registry.BackendUnavailable(
-                f"the {name} backend does not implement {fn} yet; use backend='torch' or 'auto'")
-        mod = _registry.load(name)
-        if dtype not in _dtypes(mod):
-            raise _registry.BackendUnavailable(
-                f"the {name} backend's {fn} supports "
-                f"{', '.join(str(d) for d in _dtypes(mod))}, got {dtype}")
-        return name, mod
-    for cand in _registry._AUTO_ORDER.get(device.type, ("torch",)):
-        if cand == "torch":
-            break
-        if cand in _registry._failed or _registry.why_not(cand, device):
-            continue
-        if dtype not in _dtypes(_module(cand, fn)):  # also () when the module lacks ``fn``
-            continue
-        try:  # only now build it: importing a backend module to look for ``fn`` compiles nothing
-            return cand, _registry.load(cand)
-        except _registry.BackendUnavailable as e:
-            _registry._failed[cand] = str(e)
-            log.warning("vaebm: %s backend unavailable, falling back: %s", cand, e)
-    return "torch", None
-
-
-def _module(name: str, fn: str):
-    """The backend module if it defines ``fn`` (imported, not built), else None."""
-    try:
-        mod = importlib.import_module(_registry._MODULES[name])
-    except Exception:  # a backend module that cannot even be imported serves nothing
-        return None
-    return mod if hasattr(mod, fn) else None
-
-
-def _dtypes(mod) -> tuple:
-    return () if mod is None else getattr(mod, "KERNEL_DTYPES", KERNEL_DTYPES)
+# ------------------------------------------------------------------ backend tables
+CPU_DTYPES = (*KERNEL_DTYPES, torch.float64)
+SWISH = {fn: {"cpp": Kernel("cpu_nn", fn, CPU_DTYPES),
+              "cuda": Kernel("cuda_nn", fn, KERNEL_DTYPES),
+              "triton": Kernel("triton", "triton_" + fn, KERNEL_DTYPES)}
+         for fn in ("swish_fwd", "swish_bwd", "swish_bwd2")}
 
 
 def _bcast(bias: Tensor, ndim: int) -> Tensor:
@@ -128,13 +87,13 @@ def _like(out: Tensor, x: Tensor) -> Tensor:
 
 
 def _run(fn: str, backend: str, x: Tensor, tensors: list[Tensor], bias: Tensor | None, torch_impl):
-    name, mod = resolve_op(x.device, x.dtype, backend, fn)
-    if mod is None:
+    name, kernel = _registry.resolve_op(SWISH[fn], x.device, x.dtype, backend or None)
+    if kernel is None:
         return torch_impl(*tensors, bias)
     lay = _dense(x)
     # every tensor gets the layout of x so a kernel can index them all with one set of strides
     args = [t if t.stride() == lay.stride() else _restride(t, lay) for t in tensors[:-1]] + [lay]
-    return _like(getattr(mod, fn)(*args, None if bias is None else bias.contiguous()), x)
+    return _like(kernel(*args, None if bias is None else bias.contiguous()), x)
 
 
 def _restride(t: Tensor, like: Tensor) -> Tensor:

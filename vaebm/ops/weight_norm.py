@@ -25,7 +25,8 @@ import torch
 from torch import Tensor
 
 from . import _registry
-from .swish import LOW_PRECISION, resolve_op
+from ._registry import Kernel
+from .swish import CPU_DTYPES, KERNEL_DTYPES, LOW_PRECISION
 
 EPS = 1e-12  # keeps an all-zero row finite; far below any norm a trained layer reaches
 
@@ -59,12 +60,19 @@ def _torch_bwd(grad_w: Tensor, v: Tensor, log_g: Tensor) -> Tuple[Tensor, Tensor
     return grad_v.to(v.dtype).view(v.shape), (g * proj).to(log_g.dtype)
 
 
+# backend -> kernel (vaebm::weight_norm_fwd / _bwd, declared in _library); spec: _torch_fwd/_bwd
+WEIGHT_NORM = {fn: {"cpp": Kernel("cpu_nn", fn, CPU_DTYPES),
+                    "cuda": Kernel("cuda_nn", fn, KERNEL_DTYPES),
+                    "triton": Kernel("triton", "triton_" + fn, KERNEL_DTYPES)}
+               for fn in ("weight_norm_fwd", "weight_norm_bwd")}
+
+
 def _run(fn, backend, tensors, torch_impl):
     v = tensors[1] if fn == "weight_norm_bwd" else tensors[0]
-    name, mod = resolve_op(v.device, v.dtype, backend, fn)
-    if mod is None:
+    name, kernel = _registry.resolve_op(WEIGHT_NORM[fn], v.device, v.dtype, backend or None)
+    if kernel is None:
         return torch_impl(*tensors)
-    return getattr(mod, fn)(*[t.contiguous() for t in tensors])
+    return kernel(*[t.contiguous() for t in tensors])
 
 
 @torch.library.custom_op("vaebm::weight_norm", mutates_args=())

@@ -187,17 +187,16 @@ class FusedLangevin:
         if not all(s.is_contiguous() for s in self.state):
             return None
         from ..ops import _registry
-        name, mod = _registry.resolve(x0.device, self.backend)
-        if name != "cpp":
+        from ..ops.langevin import STEP, UPDATE
+        name, _ = _registry.resolve_op(UPDATE, x0.device, x0.dtype, self.backend)
+        if name not in STEP:
             return None
-        op = getattr(torch.ops.vaebm_cpu, "langevin_step_", None)
-        if op is None:
-            return None
+        op = STEP[name].get()
         st = self.stats
         rec = (st._buf, st.n_guarded) if st is not None else (None, None)
         lo, hi = (-math.inf, math.inf) if self.clamp is None else map(float, self.clamp)
         guard = {None: GUARD_NONE, "reject": GUARD_KEEP, "reset": GUARD_RESET}[self.on_nonfinite]
-        return (op.default, self.seed & 0xFFFFFFFF, self.seed >> 32, self.sample_offset,
+        return (op, self.seed & 0xFFFFFFFF, self.seed >> 32, self.sample_offset,
                 self.chain_ids, self.lam, float(self.clip_grad_value or 0.0),
                 float(self.clip_grad_norm or 0.0), lo, hi, guard, rec)
 
