@@ -194,6 +194,10 @@ class FusedLangevin:
         op = STEP[name].get()
         st = self.stats
         rec = (st._buf, st.n_guarded) if st is not None else (None, None)
+        # the statistics grow when this many steps are recorded (a host int, read every step)
+        self._grow_at = st.rows if st is not None and st.rows < st.capacity else math.inf
+        # the state's autograd leaves, made once: views that see the kernel's in-place writes
+        self._leaves = [s.detach().requires_grad_(True) for s in self.state]
         lo, hi = (-math.inf, math.inf) if self.clamp is None else map(float, self.clamp)
         guard = {None: GUARD_NONE, "reject": GUARD_KEEP, "reset": GUARD_RESET}[self.on_nonfinite]
         return (op, self.seed & 0xFFFFFFFF, self.seed >> 32, self.sample_offset,
@@ -241,7 +245,8 @@ class FusedLangevin:
 
     # ----------------------------------------------------------------------------- energy
     def _energy_grad(self, energy_fn: EnergyFn, states: Sequence[torch.Tensor]):
-        xs = [s.detach().requires_grad_(True) for s in states]
+        xs = self._leaves if states is self.state and self._plan is not None else \
+            [s.detach().requires_grad_(True) for s in states]
         if torch.is_grad_enabled():  # (the context manager costs as much as a small kernel)
             energy = self._check_energy(energy_fn(xs[0] if self.single else xs))
             grads = torch.autograd.grad(energy.sum(), xs, allow_unused=True)
@@ -329,7 +334,8 @@ class FusedLangevin:
         compiling = torch.compiler.is_compiling()
         if not compiling and self._host_stale:  # before the kernel advances step_t again
             self._sync_host()
-        if not compiling and self.stats is not None and self.stats.full():
+        # (host ints only: the statistics' properties cost microseconds a step)
+        if not compiling and self.stats is not None and self.stats._steps >= self._grow_at:
             self.stats.grow()
             self._plan = self._make_plan()  # the kernel writes into the new buffers
         op, s_lo, s_hi, off, ids, lam, cv, cn, lo, hi, guard, rec = self._plan
@@ -345,7 +351,7 @@ class FusedLangevin:
             return
         self._t += 1
         if rec[0] is not None:
-            self.stats.steps += 1
+            self.stats._steps += 1
 
     def _ula_update(self, energy, grads):
         need = (self.on_nonfinite is not None or self.clip_grad_norm is not None
