@@ -55,9 +55,12 @@ def test_kernels_compile_for_arch(arch, tmp_path):
     assert all(" 0 bytes spill stores, 0 bytes spill loads" in ln for ln in spills), log
 
 
-def test_binding_compiles_against_torch_headers(tmp_path):
-    """Host syntax check of nn_cuda_binding.cpp against this torch's headers (a CPU wheel lacks
-    only the generated c10/cuda/impl/cuda_cmake_macros.h, stubbed here)."""
+@pytest.mark.parametrize("binding", [BINDING, csrc_dir() / "cuda" / "langevin_cuda_binding.cpp"],
+                         ids=lambda p: p.name)
+def test_binding_compiles_against_torch_headers(tmp_path, binding):
+    """Host syntax check of the CUDA bindings (implementations of the vaebm:: ops) against this
+    torch's headers (a CPU wheel lacks only the generated c10/cuda/impl/cuda_cmake_macros.h,
+    stubbed here)."""
     gxx = shutil.which("g++") or shutil.which("c++")
     cuda_inc = next((d for d in [os.path.join(os.environ.get("CUDA_HOME", "/nonexistent"),
                                               "include"), "/usr/local/cuda/include"]
@@ -73,7 +76,7 @@ def test_binding_compiles_against_torch_headers(tmp_path):
         (stub / "cuda_cmake_macros.h").write_text("#pragma once\n")
     _run([gxx, "-fsyntax-only", "-std=c++17", "-Wall", "-Wextra", "-Werror", "-I", str(csrc_dir()),
           "-isystem", torch_inc, "-isystem", os.path.join(torch_inc, "torch/csrc/api/include"),
-          "-isystem", str(tmp_path / "stub"), "-isystem", cuda_inc, str(BINDING)], tmp_path)
+          "-isystem", str(tmp_path / "stub"), "-isystem", cuda_inc, str(binding)], tmp_path)
 
 
 # ----------------------------------------------------------------------------------------------
