@@ -22,6 +22,7 @@
 
 #include <algorithm>
 #include <cfloat>
+#include <memory>
 #include <cstdlib>
 #include <cstring>
 #include <vector>
@@ -505,6 +506,40 @@ void reduce_rows(const std::vector<at::Tensor>& xs, const std::vector<at::Tensor
     gp[k] = gs[k].const_data_ptr<T>();
     ns[k] = xs[k].numel() / B;
   }
+  bool all_narrow = true;
+  for (size_t k = 0; k < K; ++k) all_narrow = all_narrow && ns[k] < kNarrow;
+  if (all_narrow && p.cv <= 0.f) {
+    // every row narrow, no clipping (the toy states): one sample's sums in registers, the
+    // sample loop free of stores into acc until its end (a loop over rows of a few elements was
+    // bound by those stores)
+    auto narrow = [&](int64_t b0, int64_t b1) {
+      for (int64_t i = b0; i < b1; ++i) {
+        double g2 = 0.0;  // (tensor by tensor, as the general loop below adds them)
+        int64_t nb = 0;
+        for (size_t k = 0; k < K; ++k) {
+          const int64_t n = ns[k];
+          const T* x = xp[k] + i * n;
+          const T* g = gp[k] + i * n;
+          double g2k = 0.0;
+          for (int64_t j = 0; j < n; ++j) {
+            const float xv = float(x[j]), gv = float(g[j]);
+            nb += int64_t(!(std::fabs(xv) <= FLT_MAX)) + int64_t(!(std::fabs(gv) <= FLT_MAX));
+            g2k += double(gv) * gv;
+          }
+          g2 += g2k;
+        }
+        double* a = acc + 4 * i;
+        a[0] = g2;
+        a[1] = double(nb);
+        a[2] = a[3] = 0.0;
+      }
+    };
+    if (total < 4 * kChunk)
+      narrow(0, B);
+    else
+      at::parallel_for(0, B, 1024, narrow);
+    return;
+  }
   auto body = [&](int64_t b0, int64_t b1) {
     for (int64_t i = b0; i < b1; ++i) {
       double* a = acc + 4 * i;
@@ -653,22 +688,36 @@ void langevin_step_(at::TensorList states, at::TensorList grads,
            std::isfinite(lo) || std::isfinite(hi), {}};
   p.schedule_keys();
   const bool need = guard != 0 || clip_norm > 0 || rec;
-  std::vector<double> acc(need ? size_t(B) * 4 : 0);
-  std::vector<float> gsv(clip_norm > 0 ? B : 0), g2f(need ? B : 0);
-  std::vector<int32_t> modev(guard != 0 ? B : 0);
-  std::vector<uint8_t> bad(need ? B : 0);
+  // per-sample scratch, every entry written before it is read: left uninitialised (zeroing
+  // 64 KB of sums cost a tenth of a (2000, 2) step)
+  std::unique_ptr<double[]> acc(need ? new double[size_t(B) * 4] : nullptr);
+  std::unique_ptr<float[]> gsv(clip_norm > 0 ? new float[B] : nullptr);
+  std::unique_ptr<float[]> g2f(need ? new float[B] : nullptr);
+  std::unique_ptr<int32_t[]> modev(guard != 0 ? new int32_t[B] : nullptr);
+  std::unique_ptr<uint8_t[]> bad(need ? new uint8_t[B] : nullptr);
   int64_t n_bad = 0;
-  // the verdict of sample i from its sums (acc row i)
-  auto verdict = [&](int64_t i) {
-    g2f[i] = float(acc[4 * i]);
-    bad[i] = (ep && !std::isfinite(ep[i])) || acc[4 * i + 1] > 0;
-    if (clip_norm > 0) {
-      const float s = float(clip_norm) / (std::sqrt(g2f[i]) + 1e-12f);
-      gsv[i] = (s < 1.f || std::isnan(s)) ? s : 1.f;  // clamp(max=1): NaN stays NaN
+  // the verdicts of samples [i0, i1) from their sums (acc rows): straight loops over raw
+  // pointers, so that the compiler vectorises them (a lambda over the vectors did not: with the
+  // statistics row below they cost as much as the update itself on a (2000, 2) state)
+  const double* A = acc.get();
+  float* G2 = g2f.get();
+  float* GS = gsv.get();
+  uint8_t* BAD = bad.get();
+  int32_t* MD = modev.get();
+  const float cn = float(clip_norm);
+  const int32_t md_bad = guard == 2 ? int32_t(kModeReset) : int32_t(kModeKeep);
+  auto verdicts = [=](int64_t i0, int64_t i1) {
+    for (int64_t i = i0; i < i1; ++i) {
+      G2[i] = float(A[4 * i]);
+      BAD[i] = uint8_t((ep != nullptr && !(std::fabs(ep[i]) <= FLT_MAX)) | (A[4 * i + 1] > 0));
     }
+    if (cn > 0)
+      for (int64_t i = i0; i < i1; ++i) {
+        const float s = cn / (std::sqrt(G2[i]) + 1e-12f);
+        GS[i] = (s < 1.f || std::isnan(s)) ? s : 1.f;  // clamp(max=1): NaN stays NaN
+      }
     if (guard != 0)
-      modev[i] = bad[i] ? (guard == 2 ? int32_t(kModeReset) : int32_t(kModeKeep))
-                        : int32_t(kModeUpdate);
+      for (int64_t i = i0; i < i1; ++i) MD[i] = BAD[i] ? md_bad : int32_t(kModeUpdate);
   };
   const auto sid = sample_ids(B, sample_offset, cid);
   bool wide = kIsa != Isa::kScalar;
@@ -679,15 +728,15 @@ void langevin_step_(at::TensorList states, at::TensorList grads,
   }
   dispatch_dtype(xs[0].scalar_type(), [&](auto tag) {
     using T = decltype(tag);
-    const float* gsp = clip_norm > 0 ? gsv.data() : nullptr;
-    const int32_t* mp = guard != 0 ? modev.data() : nullptr;
+    const float* gsp = clip_norm > 0 ? gsv.get() : nullptr;
+    const int32_t* mp = guard != 0 ? modev.get() : nullptr;
     static const bool one_pass = !std::getenv("VAEBM_STEP_TWO_PASS");  // A/B switch
     if (one_pass && need && wide && total >= 4 * kChunk && B >= at::get_num_threads()) {
       // one pass per sample: its sums, its verdict, then its update while its rows are still
       // in cache (a sample of the CIFAR-10 state is 1.2 MB of x and g); threads over samples
       at::parallel_for(0, B, 1, [&](int64_t b0, int64_t b1) {
         for (int64_t i = b0; i < b1; ++i) {
-          double* a = acc.data() + 4 * i;
+          double* a = acc.get() + 4 * i;
           a[0] = a[1] = a[2] = a[3] = 0.0;
           for (size_t k = 0; k < xs.size(); ++k) {
             const int64_t n = xs[k].numel() / B;
@@ -698,7 +747,7 @@ void langevin_step_(at::TensorList states, at::TensorList grads,
               reduce_step_span_any(x, g, sp, p, a);
             }
           }
-          verdict(i);
+          verdicts(i, i + 1);
           for (size_t k = 0; k < xs.size(); ++k) {
             const int64_t n = xs[k].numel() / B;
             T* x = xs[k].data_ptr<T>() + i * n;
@@ -711,22 +760,32 @@ void langevin_step_(at::TensorList states, at::TensorList grads,
         }
       });
     } else {
-      if (need) reduce_rows<T>(xs, gs, p, acc.data());
-      for (int64_t i = 0; need && i < B; ++i) verdict(i);
+      if (need) {
+        reduce_rows<T>(xs, gs, p, acc.get());
+        verdicts(0, B);
+      }
       update_impl<T>(xs, gs, xs, p, sid.data(), gsp, mp);
     }
   });
-  for (int64_t i = 0; guard != 0 && i < B; ++i) n_bad += bad[i];
+  if (guard != 0)
+    for (int64_t i = 0; i < B; ++i) n_bad += BAD[i];
   if (rec) {
     const int64_t row = ((*stepp % cap) + cap) % cap;
     float* r = rec->data_ptr<float>() + row * 4 * B;  // energy, grad norm, accepted, guarded
-    for (int64_t i = 0; i < B; ++i) {
-      const float e = ep ? ep[i] : 0.f;
-      const bool gd = guard != 0 && bad[i];
-      r[i] = std::isfinite(e) ? e : NAN;
-      r[B + i] = std::sqrt(g2f[i]);
-      r[2 * B + i] = gd ? 0.f : 1.f;
-      r[3 * B + i] = gd ? 1.f : 0.f;
+    float *re = r, *rg = r + B, *ra = r + 2 * B, *rd = r + 3 * B;
+    if (ep)
+      for (int64_t i = 0; i < B; ++i) re[i] = std::fabs(ep[i]) <= FLT_MAX ? ep[i] : NAN;
+    else
+      std::fill(re, re + B, 0.f);
+    for (int64_t i = 0; i < B; ++i) rg[i] = std::sqrt(G2[i]);
+    if (guard != 0)
+      for (int64_t i = 0; i < B; ++i) {
+        rd[i] = float(BAD[i]);
+        ra[i] = 1.f - rd[i];
+      }
+    else {
+      std::fill(ra, ra + B, 1.f);
+      std::fill(rd, rd + B, 0.f);
     }
     *n_guarded->data_ptr<int64_t>() += n_bad;
   }

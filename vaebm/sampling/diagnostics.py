@@ -48,9 +48,9 @@ class LangevinStats:
 
     def _alloc(self, rows: int) -> None:
         # one float32 block (rows, 4, B): energy, grad norm, accepted, guarded (0/1), so the
-        # kernel takes one statistics argument
+        # kernel takes one statistics argument; only recorded rows are ever read (``_rows``), so
+        # the rest is left zero (a NaN fill on top doubled the cost of every doubling)
         self._buf = torch.zeros(rows, 4, self.batch, dtype=torch.float32, device=self.device)
-        self._buf[:, :2] = float("nan")
 
     @property
     def rows(self) -> int:

@@ -172,6 +172,8 @@ class FusedLangevin:
         if self.stats is not None:
             self.stats._sync = self._sync_if_stale
         self._cache = None  # MALA: (energy, grads, reduction) at the current state
+        # the energies' output gradient (see _ones_like); made here, not in a (compiled) step
+        self._ones = torch.ones(self.batch, device=self.step_t.device)
         self._proposal = None
         self._plan = self._make_plan()
         return self
@@ -249,15 +251,26 @@ class FusedLangevin:
             [s.detach().requires_grad_(True) for s in states]
         if torch.is_grad_enabled():  # (the context manager costs as much as a small kernel)
             energy = self._check_energy(energy_fn(xs[0] if self.single else xs))
-            grads = torch.autograd.grad(energy.sum(), xs, allow_unused=True)
+            grads = torch.autograd.grad(energy, xs, self._ones_like(energy), allow_unused=True)
         else:
             with torch.enable_grad():
                 energy = self._check_energy(energy_fn(xs[0] if self.single else xs))
-                grads = torch.autograd.grad(energy.sum(), xs, allow_unused=True)
+                grads = torch.autograd.grad(energy, xs, self._ones_like(energy),
+                                            allow_unused=True)
         if any(g is None for g in grads):  # (not `None in grads`: Tensor == None costs 12 us)
             grads = [torch.zeros_like(x) if g is None else g for x, g in zip(xs, grads)]
         energy = energy.detach()
         return (energy if energy.dtype == torch.float32 else energy.float()), list(grads)
+
+    def _ones_like(self, energy):
+        """d(sum E)/dE, kept between steps: backpropagating it from E itself skips the sum and
+        its backward node (two kernels a step) and gives the same gradients bit for bit."""
+        ones = self._ones
+        if ones.shape != energy.shape or ones.dtype != energy.dtype or ones.device != energy.device:
+            ones = torch.ones_like(energy, memory_format=torch.contiguous_format)
+            if not torch.compiler.is_compiling():  # (a new attribute would recompile)
+                self._ones = ones
+        return ones
 
     def _check_energy(self, energy) -> torch.Tensor:
         if not isinstance(energy, torch.Tensor):
