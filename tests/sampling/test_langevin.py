@@ -224,3 +224,24 @@ def test_fp16_state_runs_in_fp32_arithmetic():
     out = langevin_sample(lambda z: quadratic(z.float()), x, 20, 0.3, seed=0, backend="torch")
     assert out.dtype == torch.float16 and torch.isfinite(out).all()
     assert np.isclose(out.float().var().item(), 1 / (1 - 0.3 / 4), rtol=0.15)
+
+
+@pytest.mark.parametrize("shape", [(64, 2), (4, 3, 8, 8)])
+def test_energy_gradients_match_the_summed_energy_bit_for_bit(shape):
+    """A step backpropagates a kept vector of ones from the (B,) energies instead of E.sum():
+    the gradients must be exactly those of autograd.grad(E(x).sum(), x)."""
+    g = torch.Generator().manual_seed(5)
+    if len(shape) == 2:
+        net = torch.nn.Sequential(torch.nn.Linear(2, 32), torch.nn.SiLU(), torch.nn.Linear(32, 1))
+        energy = lambda x: net(x).squeeze(-1)  # noqa: E731
+    else:
+        net = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.SiLU(), torch.nn.Flatten(),
+                                  torch.nn.Linear(8 * 36, 1))
+        energy = lambda x: net(x)  # (B, 1)  # noqa: E731
+    x = torch.randn(shape, generator=g)
+    s = FusedLangevin(x.clone(), 0.01, seed=0, backend="torch")
+    e, (grad,) = s._energy_grad(energy, s.state)
+    leaf = x.clone().requires_grad_(True)
+    ref = torch.autograd.grad(energy(leaf).sum(), leaf)[0]
+    assert torch.equal(grad, ref)
+    assert torch.equal(e, energy(x).detach().reshape(-1))
