@@ -13,13 +13,30 @@ import torch
 from vaebm import FusedLangevin
 from vaebm.ops import BackendUnavailable
 
-# Known problem, not yet understood: with PyTorch's ATen dispatch capped
-# (ATEN_CPU_CAPABILITY=avx2, CI's second pass) the inductor-compiled chains leave the eager ones
-# after a step (differences ~0.3 on both backends; the compiled energy and gradient alone agree
-# to 2e-7). The eager kernels are tested under the cap; the compiled step only uncapped.
-_CAPPED = bool(__import__("os").environ.get("ATEN_CPU_CAPABILITY"))
-capped_xfail = pytest.mark.xfail(_CAPPED, strict=False,
-                                 reason="inductor under ATEN_CPU_CAPABILITY: compiled chain differs")
+# With PyTorch's ATen dispatch capped (ATEN_CPU_CAPABILITY=avx2, CI's second pass, on an
+# AVX-512 machine) inductor tiles its CPU loops for 16-lane vectors but compiles them with 8-lane
+# AVX2 ``Vectorized<float>``: ``loadu(p, 16)`` then moves 8 floats, and half of every 16-float
+# block of a copied buffer is left uninitialised (seen here as chains that left the eager ones by
+# 1e12 in samples 2, 3, 6, 7 of a (8, 4) state). A PyTorch inconsistency of the emulated cap (on
+# a real AVX2 CPU both agree), not of these ops: under the cap the tests pin inductor's SIMD
+# width to the capped ISA's 256 bits. That fixes the cpp step; with the torch backend (and MALA)
+# the compiled step still returns NaN energies under the cap while its chain matches the eager
+# one exactly (not investigated further: the same inductor-under-emulated-cap territory), so
+# those two stay expected failures there.
+_CAPPED = (__import__("os").environ.get("ATEN_CPU_CAPABILITY") or "").lower()
+capped_xfail = pytest.mark.xfail(bool(_CAPPED), strict=False,
+                                 reason="inductor under an emulated ATEN_CPU_CAPABILITY cap")
+
+
+@pytest.fixture(autouse=True)
+def _inductor_simd_matches_the_cap():
+    if _CAPPED != "avx2":
+        yield
+        return
+    import torch._inductor.config as ic
+
+    with ic.patch({"cpp.simdlen": 256}):
+        yield
 
 
 def energy(x):
@@ -82,8 +99,7 @@ def _inductor_recording(graphs):
 
 
 # ------------------------------------------------------------------------------------- compile
-@capped_xfail
-@pytest.mark.parametrize("backend", ["cpp", "torch"])
+@pytest.mark.parametrize("backend", ["cpp", pytest.param("torch", marks=capped_xfail)])
 def test_whole_step_compiles_with_inductor(backend, cpp_ops, one_thread):
     """One graph per step (fullgraph: energy, input gradient, guard, statistics and update), run
     by inductor, gives the eager chain (to float32 rounding: inductor's cos differs by an ulp)."""
