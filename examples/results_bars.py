@@ -72,6 +72,24 @@ def _bars(b: dict) -> list[str]:
                       fmt(r["fid"]["ratio"], 3), fmt(r["ood"]["auroc_vae"]),
                       fmt(r["ood"]["auroc_vaebm"]), fmt(r["stage2"]["max_abs_e"], 1),
                       _rollbacks(r["stage2"]["events"])] for r in cv]) + [""]
+    ce = b.get("chain_energy") or []
+    for r in ce:
+        L += [f"Mean energy of {r['n']} VAEBM samples along one chain ({r['ebm']}, steps of "
+              f"{r['step_size']:g} in eps-space; test images: "
+              f"{r['test_images_mean_energy']:.1f}), from `examples/chain_energy.py`:", ""]
+        L += _table(["Langevin steps", *map(str, r["steps"])],
+                    [["mean E(x)", *(f"{e:.1f}" for e in r["mean_energy"])]]) + [""]
+    cl = sorted(b.get("chain_lengths") or [], key=lambda r: r["settings"]["steps"])
+    if cl:
+        L += ["The same energy net sampled with longer chains (FID of "
+              f"{cl[0]['fid']['n']} samples per model against 2000 training images, so not "
+              "comparable with the 2000-sample rows above):", ""]
+        L += _table(["Langevin steps", "FID VAE", "FID VAEBM", "ratio", "mean E VAE samples",
+                     "mean E VAEBM samples", "mean E test images", "sampling time"],
+                    [[r["settings"]["steps"], fmt(r["fid"]["vae"], 1), fmt(r["fid"]["vaebm"], 1),
+                      fmt(r["fid"]["ratio"], 3), fmt(r["energy"]["vae_samples"], 1),
+                      fmt(r["energy"]["vaebm_samples"], 1), fmt(r["energy"]["test_images"], 1),
+                      f"{r['sample_seconds']:.0f} s"] for r in cl]) + [""]
     return L
 
 

@@ -88,12 +88,16 @@ def _bars_args(p):
                    "examples/stacked_cpu_report.py measure (one per stage-2 seed)")
     p.add_argument("--curve", default="docs/img/stage2_cpu_curve", help="JSONs of "
                    "fashion_cpu_report.py measure at several stage-2 iterations of one run")
+    p.add_argument("--chain-lengths", default="docs/img/stage2_cpu_steps", help="JSONs of "
+                   "fashion_cpu_report.py measure --steps K (one energy, several chain lengths)")
+    p.add_argument("--chain-energy", default="docs/img/stage2_cpu_chain", help="JSONs: mean "
+                   "energy of samples along one long chain (examples/chain_energy.py)")
 
 
 def _read_bars(a) -> dict:
     """The image-quality measurements of the report scripts (empty where a folder is missing)."""
     out = {}
-    for key in ("fashion_bars", "stacked_bars", "curve"):
+    for key in ("fashion_bars", "stacked_bars", "curve", "chain_lengths", "chain_energy"):
         d = Path(getattr(a, key))
         out[key] = [json.loads(p.read_text()) for p in sorted(d.glob("*.json"))] \
             if d.is_dir() else []
