@@ -39,8 +39,10 @@ def _bars(b: dict) -> list[str]:
                                for r in fb),
                      "met" if d and min(d) >= 0.3 else "**not met**"])
     if sb:
+        # judged on the runs measured with >= 10,000 samples; smaller ones are listed as checks
+        big = [r for r in sb if r["vae"]["n_samples"] >= 10000]
         ok = [r["vaebm"]["modes"] >= r["vae"]["modes"] and r["vaebm"]["kl"] < r["vae"]["kl"]
-              and r["vae"]["n_samples"] >= 10000 for r in sb]
+              for r in big] or [False]
         rows.append(["StackedMNIST: modes(VAEBM) >= modes(VAE), lower KL, >= 10,000 samples",
                      "; ".join(f"{r['vae']['modes']} -> {r['vaebm']['modes']} modes, KL "
                                f"{r['vae']['kl']:.3f} -> {r['vaebm']['kl']:.3f} "
