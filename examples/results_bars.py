@@ -78,7 +78,8 @@ def _bars(b: dict) -> list[str]:
     for r in ce:
         L += [f"Mean energy of {r['n']} VAEBM samples along one chain ({r['ebm']}, steps of "
               f"{r['step_size']:g} in eps-space; test images: "
-              f"{r['test_images_mean_energy']:.1f}), from `examples/chain_energy.py`:", ""]
+              f"{r['test_images_mean_energy']:.1f}), from `examples/chain_energy.py`"
+              + (f" ({r['note']})" if r.get("note") else "") + ":", ""]
         L += _table(["Langevin steps", *map(str, r["steps"])],
                     [["mean E(x)", *(f"{e:.1f}" for e in r["mean_energy"])]]) + [""]
     cl = sorted(b.get("chain_lengths") or [], key=lambda r: r["settings"]["steps"])
