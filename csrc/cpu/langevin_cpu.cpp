@@ -506,44 +506,11 @@ void reduce_rows(const std::vector<at::Tensor>& xs, const std::vector<at::Tensor
     gp[k] = gs[k].const_data_ptr<T>();
     ns[k] = xs[k].numel() / B;
   }
-  bool all_narrow = true;
-  for (size_t k = 0; k < K; ++k) all_narrow = all_narrow && ns[k] < kNarrow;
-  if (all_narrow && p.cv <= 0.f) {
-    // every row narrow, no clipping (the toy states): one sample's sums in registers, the
-    // sample loop free of stores into acc until its end (a loop over rows of a few elements was
-    // bound by those stores)
-    auto narrow = [&](int64_t b0, int64_t b1) {
-      for (int64_t i = b0; i < b1; ++i) {
-        double g2 = 0.0;  // (tensor by tensor, as the general loop below adds them)
-        int64_t nb = 0;
-        for (size_t k = 0; k < K; ++k) {
-          const int64_t n = ns[k];
-          const T* x = xp[k] + i * n;
-          const T* g = gp[k] + i * n;
-          double g2k = 0.0;
-          for (int64_t j = 0; j < n; ++j) {
-            const float xv = float(x[j]), gv = float(g[j]);
-            nb += int64_t(!(std::fabs(xv) <= FLT_MAX)) + int64_t(!(std::fabs(gv) <= FLT_MAX));
-            g2k += double(gv) * gv;
-          }
-          g2 += g2k;
-        }
-        double* a = acc + 4 * i;
-        a[0] = g2;
-        a[1] = double(nb);
-        a[2] = a[3] = 0.0;
-      }
-    };
-    if (total < 4 * kChunk)
-      narrow(0, B);
-    else
-      at::parallel_for(0, B, 1024, narrow);
-    return;
-  }
+  // a sample's sums live in locals and reach acc once, at its end (a loop over rows of a few
+  // elements was bound by read-modify-write stores into acc); same order of additions as before
   auto body = [&](int64_t b0, int64_t b1) {
     for (int64_t i = b0; i < b1; ++i) {
-      double* a = acc + 4 * i;
-      a[0] = a[1] = a[2] = a[3] = 0.0;
+      double s0 = 0.0, s1 = 0.0, s2 = 0.0, s3 = 0.0;
       for (size_t k = 0; k < K; ++k) {
         const int64_t n = ns[k], row = i * n;
         const T* x = xp[k] + row;
@@ -557,15 +524,19 @@ void reduce_rows(const std::vector<at::Tensor>& xs, const std::vector<at::Tensor
             const float gv = p.cv > 0.f ? clamp_keep_nan(graw, -p.cv, p.cv) : graw;
             g2 += double(gv) * gv;
           }
-          a[0] += g2;
-          a[1] += double(nb);
+          s0 += g2;
+          s1 += double(nb);
           continue;
         }
+        double t[4] = {s0, s1, s2, s3};
         for (int64_t j = 0; j < n; j += kChunk) {
-          const Span s{j, std::min(n, j + kChunk), 0u, uint32_t(k), 1.f, int(kModeUpdate)};
-          reduce_step_span_any(x, g, s, p, a);
+          const Span sp{j, std::min(n, j + kChunk), 0u, uint32_t(k), 1.f, int(kModeUpdate)};
+          reduce_step_span_any(x, g, sp, p, t);
         }
+        s0 = t[0], s1 = t[1], s2 = t[2], s3 = t[3];
       }
+      double* a = acc + 4 * i;
+      a[0] = s0, a[1] = s1, a[2] = s2, a[3] = s3;
     }
   };
   if (total < 4 * kChunk)
