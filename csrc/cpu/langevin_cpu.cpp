@@ -101,6 +101,43 @@ void reduce_elems(const T* x, const T* g, const T* o, int64_t j0, int64_t j1, fl
   }
 }
 
+// G2[i] (+)= sum over the row of clip(g)^2 and Z[i] (+)= sum of x * 0 + g * 0 (0 while every
+// x and raw g is finite, NaN otherwise), for samples [i0, i1) of one tensor with N (or, N = 0, n)
+// elements per row: float loops written for the auto-vectoriser, which vectorises them across
+// samples (restrict pointers, no branch in the loop, no byte stores). Compiled once plainly
+// (here) and once per ISA (langevin_cpu_simd.h expands this macro in its target region).
+#define VAEBM_NARROW_SUMS_N                                                                    \
+  template <class T, int N, bool First, bool Clip>                                             \
+  void narrow_sums_n(const T* __restrict x, const T* __restrict g, int64_t i0, int64_t i1,     \
+                     int64_t n, float cv, float* __restrict G2, float* __restrict Z) {         \
+    const int64_t m = N > 0 ? N : n;                                                           \
+    for (int64_t i = i0; i < i1; ++i) {                                                        \
+      float s = 0.f, z = 0.f;                                                                  \
+      for (int64_t j = 0; j < m; ++j) {                                                        \
+        const float xv = float(x[i * m + j]), gr = float(g[i * m + j]);                        \
+        z += xv * 0.f + gr * 0.f;                                                              \
+        const float gv = Clip ? (gr < -cv ? -cv : (gr > cv ? cv : gr)) : gr; /* NaN kept */    \
+        s += gv * gv;                                                                          \
+      }                                                                                        \
+      if (First) {                                                                             \
+        G2[i] = s;                                                                             \
+        Z[i] = z;                                                                              \
+      } else {                                                                                 \
+        G2[i] += s;                                                                            \
+        Z[i] += z;                                                                             \
+      }                                                                                        \
+    }                                                                                          \
+  }                                                                                            \
+  template <class T, int N>                                                                    \
+  void narrow_sums_row(const T* x, const T* g, int64_t i0, int64_t i1, int64_t n, float cv,    \
+                       bool first, float* G2, float* Z) {                                      \
+    if (first && cv > 0.f) return narrow_sums_n<T, N, true, true>(x, g, i0, i1, n, cv, G2, Z);  \
+    if (first) return narrow_sums_n<T, N, true, false>(x, g, i0, i1, n, cv, G2, Z);            \
+    if (cv > 0.f) return narrow_sums_n<T, N, false, true>(x, g, i0, i1, n, cv, G2, Z);         \
+    return narrow_sums_n<T, N, false, false>(x, g, i0, i1, n, cv, G2, Z);                      \
+  }
+VAEBM_NARROW_SUMS_N
+
 }  // namespace
 }  // namespace vaebm::cpu
 
@@ -441,6 +478,13 @@ void reduce_step_span_any(const T* x, const T* g, const Span& s, const Params& p
 }
 
 template <class T>
+void update_checked_span_any(const T* x, const T* g, T* o, const Span& s, const Params& p,
+                             T* save, double acc[4]) {
+  if (kIsa == Isa::kAvx512) return avx512::update_span<T, true>(x, g, o, s, p, save, acc);
+  return avx2::update_span<T, true>(x, g, o, s, p, save, acc);
+}
+
+template <class T>
 void reduce_span_any(const T* x, const T* g, const T* o, const Span& s, const Params& p,
                      double acc[4]) {
   switch (kIsa) {
@@ -545,6 +589,49 @@ void reduce_rows(const std::vector<at::Tensor>& xs, const std::vector<at::Tensor
     at::parallel_for(0, B, 1, body);
 }
 
+// The step's sums of a state whose rows are all narrow (fewer than kNarrow elements): G2[i] =
+// sum clip(g)^2 in float32, BAD[i] = any x or raw g non-finite, tensor by tensor; the loops
+// (narrow_sums_n, in langevin_cpu_simd.h, compiled per ISA) run over samples with the row
+// length a constant where it is small, so that the compiler vectorises across samples (a
+// per-sample loop over the tensors and a row of 2 elements, summed in double, cost half of a
+// (2000, 2) step).
+template <class T, int N>
+void narrow_sums_any(const T* x, const T* g, int64_t i0, int64_t i1, int64_t n, float cv,
+                     bool first, float* G2, float* Z) {
+  switch (kIsa) {
+    case Isa::kAvx512: return avx512::narrow_sums_row<T, N>(x, g, i0, i1, n, cv, first, G2, Z);
+    case Isa::kAvx2: return avx2::narrow_sums_row<T, N>(x, g, i0, i1, n, cv, first, G2, Z);
+    default: return narrow_sums_row<T, N>(x, g, i0, i1, n, cv, first, G2, Z);
+  }
+}
+
+template <class T>
+void narrow_sums(const std::vector<at::Tensor>& xs, const std::vector<at::Tensor>& gs,
+                 const Params& p, float* G2, float* Z) {
+  const int64_t B = xs[0].size(0);
+  int64_t total = 0;
+  for (const auto& x : xs) total += x.numel();
+  auto body = [&](int64_t i0, int64_t i1) {
+    for (size_t k = 0; k < xs.size(); ++k) {
+      const T* x = xs[k].const_data_ptr<T>();
+      const T* g = gs[k].const_data_ptr<T>();
+      const int64_t n = xs[k].numel() / B;
+      const bool first = k == 0;
+      switch (n) {
+        case 1: narrow_sums_any<T, 1>(x, g, i0, i1, n, p.cv, first, G2, Z); break;
+        case 2: narrow_sums_any<T, 2>(x, g, i0, i1, n, p.cv, first, G2, Z); break;
+        case 3: narrow_sums_any<T, 3>(x, g, i0, i1, n, p.cv, first, G2, Z); break;
+        case 4: narrow_sums_any<T, 4>(x, g, i0, i1, n, p.cv, first, G2, Z); break;
+        default: narrow_sums_any<T, 0>(x, g, i0, i1, n, p.cv, first, G2, Z);
+      }
+    }
+  };
+  if (total < 4 * kChunk)
+    body(0, B);
+  else
+    at::parallel_for(0, B, 1024, body);
+}
+
 template <class T>
 at::Tensor reduce_impl(const std::vector<at::Tensor>& xs, const std::vector<at::Tensor>& gs,
                        const std::vector<at::Tensor>* os, const Params& p, const float* gscale) {
@@ -625,8 +712,9 @@ void langevin_update_(at::TensorList states, at::TensorList grads, at::TensorLis
 //   x <- the update of langevin_update_ with (s_i, mode_i), in place;
 //   the statistics row step % capacity gets E_i (NaN where non-finite), sqrt(g2_i), accepted =
 //   !guarded_i, guarded_i; n_guarded += sum guarded_i; then step += 1.
-// The per-sample verdict needs all of a sample's gradient before the first element is written,
-// so g is read twice: once here (per row, from memory) and once by the update.
+// The per-sample verdict needs all of a sample's gradient before the first element is written;
+// on wide states the sums of sample i + 1 are taken while sample i is updated (one sweep, the
+// second read from cache), elsewhere in a reduction pass before the update.
 void langevin_step_(at::TensorList states, at::TensorList grads,
                     const std::optional<at::Tensor>& energy, const at::Tensor& step,
                     int64_t seed_lo, int64_t seed_hi, int64_t sample_offset,
@@ -661,7 +749,16 @@ void langevin_step_(at::TensorList states, at::TensorList grads,
   const bool need = guard != 0 || clip_norm > 0 || rec;
   // per-sample scratch, every entry written before it is read: left uninitialised (zeroing
   // 64 KB of sums cost a tenth of a (2000, 2) step)
-  std::unique_ptr<double[]> acc(need ? new double[size_t(B) * 4] : nullptr);
+  bool wide = kIsa != Isa::kScalar, all_narrow = true;
+  int64_t total = 0;
+  for (const auto& x : xs) {
+    wide = wide && x.numel() / B >= kNarrow;
+    all_narrow = all_narrow && x.numel() / B < kNarrow;
+    total += x.numel();
+  }
+  // (an all-narrow state needs one float per sample here: Z of narrow_sums)
+  std::unique_ptr<double[]> acc(need ? new double[all_narrow ? size_t(B + 1) / 2 : size_t(B) * 4]
+                                     : nullptr);
   std::unique_ptr<float[]> gsv(clip_norm > 0 ? new float[B] : nullptr);
   std::unique_ptr<float[]> g2f(need ? new float[B] : nullptr);
   std::unique_ptr<int32_t[]> modev(guard != 0 ? new int32_t[B] : nullptr);
@@ -677,11 +774,8 @@ void langevin_step_(at::TensorList states, at::TensorList grads,
   int32_t* MD = modev.get();
   const float cn = float(clip_norm);
   const int32_t md_bad = guard == 2 ? int32_t(kModeReset) : int32_t(kModeKeep);
-  auto verdicts = [=](int64_t i0, int64_t i1) {
-    for (int64_t i = i0; i < i1; ++i) {
-      G2[i] = float(A[4 * i]);
-      BAD[i] = uint8_t((ep != nullptr && !(std::fabs(ep[i]) <= FLT_MAX)) | (A[4 * i + 1] > 0));
-    }
+  // clipping scale and mode from G2 and BAD
+  auto decide = [=](int64_t i0, int64_t i1) {
     if (cn > 0)
       for (int64_t i = i0; i < i1; ++i) {
         const float s = cn / (std::sqrt(G2[i]) + 1e-12f);
@@ -690,48 +784,121 @@ void langevin_step_(at::TensorList states, at::TensorList grads,
     if (guard != 0)
       for (int64_t i = i0; i < i1; ++i) MD[i] = BAD[i] ? md_bad : int32_t(kModeUpdate);
   };
+  auto verdicts = [=](int64_t i0, int64_t i1) {
+    for (int64_t i = i0; i < i1; ++i) {
+      G2[i] = float(A[4 * i]);
+      BAD[i] = uint8_t((ep != nullptr && !(std::fabs(ep[i]) <= FLT_MAX)) | (A[4 * i + 1] > 0));
+    }
+    decide(i0, i1);
+  };
   const auto sid = sample_ids(B, sample_offset, cid);
-  bool wide = kIsa != Isa::kScalar;
-  int64_t total = 0;
-  for (const auto& x : xs) {
-    wide = wide && x.numel() / B >= kNarrow;
-    total += x.numel();
-  }
   dispatch_dtype(xs[0].scalar_type(), [&](auto tag) {
     using T = decltype(tag);
     const float* gsp = clip_norm > 0 ? gsv.get() : nullptr;
     const int32_t* mp = guard != 0 ? modev.get() : nullptr;
     static const bool one_pass = !std::getenv("VAEBM_STEP_TWO_PASS");  // A/B switch
-    if (one_pass && need && wide && total >= 4 * kChunk && B >= at::get_num_threads()) {
-      // one pass per sample: its sums, its verdict, then its update while its rows are still
-      // in cache (a sample of the CIFAR-10 state is 1.2 MB of x and g); threads over samples
+    const bool sweep = one_pass && need && wide && total >= 4 * kChunk &&
+                       B >= at::get_num_threads();
+    // a sample's sums, over all its tensors (rows of sample i), into acc row i
+    auto sums = [&](int64_t i) {
+      double* a = acc.get() + 4 * i;
+      a[0] = a[1] = a[2] = a[3] = 0.0;
+      for (size_t k = 0; k < xs.size(); ++k) {
+        const int64_t n = xs[k].numel() / B;
+        const T* x = xs[k].const_data_ptr<T>() + i * n;
+        const T* g = gs[k].const_data_ptr<T>() + i * n;
+        for (int64_t j = 0; j < n; j += kChunk) {
+          const Span sp{j, std::min(n, j + kChunk), 0u, uint32_t(k), 1.f, int(kModeUpdate)};
+          reduce_step_span_any(x, g, sp, p, a);
+        }
+      }
+    };
+    // sample i's update with the modes and gradient scales decided (mp, gsp)
+    auto update_sample = [&](int64_t i) {
+      for (size_t k = 0; k < xs.size(); ++k) {
+        const int64_t n = xs[k].numel() / B;
+        T* x = xs[k].data_ptr<T>() + i * n;
+        const T* g = gs[k].const_data_ptr<T>() + i * n;
+        for (int64_t j = 0; j < n; j += kChunk)
+          update_span_any(x, g, x, span_of(Item{int64_t(k), i, j, std::min(n, j + kChunk)},
+                                           sid.data(), gsp, mp), p);
+      }
+    };
+    if (sweep && clip_norm > 0) {
+      // the gradient scale needs the sample's norm before its first element is written: one
+      // pass per sample, its sums, then its update while its rows are still in cache
       at::parallel_for(0, B, 1, [&](int64_t b0, int64_t b1) {
         for (int64_t i = b0; i < b1; ++i) {
+          sums(i);
+          verdicts(i, i + 1);
+          update_sample(i);
+        }
+      });
+    } else if (sweep) {
+      // one sweep: every sample is updated as if good, its sums taken from the x and g the
+      // update loads (update_span_checked); a sample found bad afterwards (rare) gets its saved
+      // rows back (guard keep: copied aside per thread just before they are overwritten) or is
+      // restarted (guard reset). A sample whose energy is already non-finite is not updated.
+      int64_t row_len = 0;
+      for (const auto& x : xs) row_len += x.numel() / B;
+      at::parallel_for(0, B, 1, [&](int64_t b0, int64_t b1) {
+        std::unique_ptr<T[]> save(guard == 1 ? new T[size_t(row_len)] : nullptr);
+        for (int64_t i = b0; i < b1; ++i) {
+          if (guard != 0 && ep != nullptr && !(std::fabs(ep[i]) <= FLT_MAX)) {
+            sums(i);
+            verdicts(i, i + 1);  // bad: keep or reset
+            update_sample(i);
+            continue;
+          }
           double* a = acc.get() + 4 * i;
           a[0] = a[1] = a[2] = a[3] = 0.0;
-          for (size_t k = 0; k < xs.size(); ++k) {
-            const int64_t n = xs[k].numel() / B;
-            const T* x = xs[k].const_data_ptr<T>() + i * n;
-            const T* g = gs[k].const_data_ptr<T>() + i * n;
-            for (int64_t j = 0; j < n; j += kChunk) {
-              const Span sp{j, std::min(n, j + kChunk), 0u, uint32_t(k), 1.f, int(kModeUpdate)};
-              reduce_step_span_any(x, g, sp, p, a);
-            }
-          }
-          verdicts(i, i + 1);
+          int64_t off = 0;
           for (size_t k = 0; k < xs.size(); ++k) {
             const int64_t n = xs[k].numel() / B;
             T* x = xs[k].data_ptr<T>() + i * n;
             const T* g = gs[k].const_data_ptr<T>() + i * n;
             for (int64_t j = 0; j < n; j += kChunk) {
-              const Item it{int64_t(k), i, j, std::min(n, j + kChunk)};
-              update_span_any(x, g, x, span_of(it, sid.data(), gsp, mp), p);
+              const Span sp{j, std::min(n, j + kChunk), sid[i], uint32_t(k), 1.f,
+                            int(kModeUpdate)};
+              update_checked_span_any(x, g, x, sp, p, save ? save.get() + off : nullptr, a);
             }
+            off += n;
+          }
+          if (p.cv == 0.f && !(std::fabs(a[0]) <= DBL_MAX)) {
+            // a non-finite sum of squares: a non-finite g, or an overflow (not a broken chain);
+            // recount g exactly (rare), like the reduction pass, which checks g itself
+            int64_t nb = 0;
+            for (size_t k = 0; k < xs.size(); ++k) {
+              const int64_t n = xs[k].numel() / B;
+              const T* g = gs[k].const_data_ptr<T>() + i * n;
+              for (int64_t j = 0; j < n; ++j) nb += !(std::fabs(float(g[j])) <= FLT_MAX);
+            }
+            a[1] += double(nb > 0);
+          }
+          verdicts(i, i + 1);
+          if (guard == 0 || !BAD[i]) continue;
+          if (guard == 2) {
+            update_sample(i);  // MD[i] = reset: fresh noise, whatever was written
+            continue;
+          }
+          off = 0;  // guard keep: the old rows back
+          for (size_t k = 0; k < xs.size(); ++k) {
+            const int64_t n = xs[k].numel() / B;
+            std::memcpy(xs[k].data_ptr<T>() + i * n, save.get() + off, size_t(n) * sizeof(T));
+            off += n;
           }
         }
       });
     } else {
-      if (need) {
+      if (need && all_narrow) {
+        float* Z = reinterpret_cast<float*>(acc.get());  // (scratch of B * 4 doubles)
+        narrow_sums<T>(xs, gs, p, G2, Z);
+        if (ep)
+          for (int64_t i = 0; i < B; ++i) BAD[i] = uint8_t(!(Z[i] == 0.f) | !(std::fabs(ep[i]) <= FLT_MAX));
+        else
+          for (int64_t i = 0; i < B; ++i) BAD[i] = uint8_t(!(Z[i] == 0.f));
+        decide(0, B);
+      } else if (need) {
         reduce_rows<T>(xs, gs, p, acc.get());
         verdicts(0, B);
       }

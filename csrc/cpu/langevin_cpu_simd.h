@@ -147,28 +147,98 @@ inline void normals(uint32_t g0, const RowConst& rc, const Params& p, float* xi)
 
 inline F clamp_keep_nan(F v, F lo, F hi) { return V::sel_lt(v, lo, lo, V::sel_gt(v, hi, hi, v)); }
 
-// Elements [s.j0, s.j1) of one sample row (x, g, o point at the row), s.j0 a multiple of STEP.
+// The step's reduction (columns 0 and 1 only): sum clip(g)^2 in float32 lanes (four
+// accumulators, vector q of a block of 4 W into s[q]; the lanes summed in double at the end) and
+// whether any x or raw g is non-finite, found by accumulating v * 0 (0 for finite v, NaN for Inf
+// or NaN) instead of counting per vector. Blocks of 4 W elements from the span's start, then
+// finish() adds the squared norm to acc[0], 1 to acc[1] if anything was non-finite, and the
+// row's tail (scalar). The checked update (update_span<T, true>) adds its vectors in the same
+// order, so a sample's sums are the same bit for bit whichever path took them.
+struct StepSums {
+  F s[4], nan0, nan1;
+  StepSums() : nan0(V::set(0.f)), nan1(nan0) { s[0] = s[1] = s[2] = s[3] = nan0; }
+
+  template <class T>
+  inline void block(const T* x, const T* g, int64_t j, const Params& p) {
+    const F zero = V::set(0.f), cv = V::set(p.cv), ncv = V::set(-p.cv);
+    F gv[4];
+    for (int q = 0; q < 4; ++q) {
+      const F xv = V::load(x + j + q * W);
+      gv[q] = V::load(g + j + q * W);
+      nan0 = V::fma(xv, zero, nan0);
+      nan1 = V::fma(gv[q], zero, nan1);
+      if (p.cv > 0.f) gv[q] = clamp_keep_nan(gv[q], ncv, cv);
+    }
+    for (int q = 0; q < 4; ++q) s[q] = V::fma(gv[q], gv[q], s[q]);
+  }
+
+  // blocks from j while whole ones fit in [j, j1), then the scalar tail and the totals
+  template <class T>
+  void finish(const T* x, const T* g, int64_t j, int64_t j1, const Params& p, double acc[4]) {
+    for (; j + 4 * W <= j1; j += 4 * W) block(x, g, j, p);
+    alignas(64) float t[W], u[W];
+    V::store(t, V::add(V::add(s[0], s[1]), V::add(s[2], s[3])));
+    V::store(u, V::add(nan0, nan1));
+    double g2 = 0.0;
+    bool bad = false;
+    for (int l = 0; l < W; ++l) {
+      g2 += double(t[l]);
+      bad = bad || !(u[l] == 0.f);
+    }
+    double tail[4] = {0.0, 0.0, 0.0, 0.0};
+    reduce_elems(x, g, static_cast<const T*>(nullptr), j, j1, 1.f, p, tail);  // the row's tail
+    acc[0] += g2 + tail[0];
+    acc[1] += double(bad) + tail[1];
+  }
+};
+
 template <class T>
-void update_span(const T* x, const T* g, T* o, const Span& s, const Params& p) {
+void reduce_step_span(const T* x, const T* g, const Span& s, const Params& p, double acc[4]) {
+  StepSums r;
+  r.finish(x, g, s.j0, s.j1, p, acc);
+}
+
+// Elements [s.j0, s.j1) of one sample row (x, g, o point at the row), s.j0 a multiple of STEP.
+// Checked (a mode-update span without gradient scale): the update also adds the step's sums of
+// the row to acc from the x and g it has loaded (reduce_step_span's, in its order of additions)
+// and, when `save` is given, stores the old x there: one sweep over the state instead of a
+// reduction pass before the update. Not checked here: raw g when there is no value clipping (a
+// non-finite g makes the sum of squares non-finite, which the caller rechecks exactly).
+template <class T, bool Checked = false>
+void update_span(const T* x, const T* g, T* o, const Span& s, const Params& p,
+                 T* save = nullptr, double* acc = nullptr) {
   alignas(64) float xi[STEP];
   const bool reset = s.mode == kModeReset;
   const RowConst rc =
       row_const(s.sample, ((reset ? kStreamReset : kStreamNoise) << 24) | s.tensor, p);
   const F a = V::set(p.a), b = V::set(p.b), lam = V::set(p.lam), gs = V::set(s.gs);
   const F cv = V::set(p.cv), ncv = V::set(-p.cv), lo = V::set(p.lo), hi = V::set(p.hi);
+  const F zero = V::set(0.f);
+  StepSums r;
   for (int64_t j = s.j0; j < s.j1; j += STEP) {
     normals(uint32_t(j >> 2), rc, p, xi);
     if (s.j1 - j < STEP) {  // the row's last, partial step: scalar
+      if constexpr (Checked) {  // before it is written
+        if (save) std::memcpy(save + j, x + j, size_t(s.j1 - j) * sizeof(T));
+        r.finish(x, g, j, s.j1, p, acc);
+      }
       update_elems(x + j, g + j, o + j, xi, s.j1 - j, s.gs, reset, p);
-      break;
+      return;
     }
+#pragma GCC unroll 16
     for (int q = 0; q < 4 * NB; ++q) {
       const int64_t e = j + q * W;
       F y = V::load(xi + q * W);
       if (!reset) {  // Eq. 2: y = x - a (s_i clip(g) + lam x) + b xi, op by op as the reference
         const F xv = V::load(x + e);
         F gv = V::load(g + e);
+        if constexpr (Checked) {
+          if (save) V::store(save + e, xv);
+          r.nan0 = V::fma(xv, zero, r.nan0);
+          if (p.cv > 0.f) r.nan1 = V::fma(gv, zero, r.nan1);
+        }
         if (p.cv > 0.f) gv = clamp_keep_nan(gv, ncv, cv);
+        if constexpr (Checked) r.s[q % 4] = V::fma(gv, gv, r.s[q % 4]);
         if (s.gs != 1.f) gv = V::mul(gv, gs);  // (g * 1 == g exactly)
         const F t = V::mul(a, V::add(gv, V::mul(lam, xv)));
         y = V::add(V::sub(xv, t), V::mul(b, y));
@@ -177,7 +247,10 @@ void update_span(const T* x, const T* g, T* o, const Span& s, const Params& p) {
       V::store(o + e, y);
     }
   }
+  if constexpr (Checked) r.finish(x, g, s.j1, s.j1, p, acc);
 }
+
+VAEBM_NARROW_SUMS_N  // the narrow state's sums, vectorised by the compiler for this ISA
 
 // ---- narrow rows (fewer elements per sample than one SIMD step): lanes = samples ----
 // A row of n < STEP elements would run entirely in the scalar tail above. Here lane l of a vector
@@ -246,44 +319,6 @@ void update_narrow(const T* x, const T* g, T* o, int64_t n, int64_t r0, int64_t 
       }
     }
   }
-}
-
-// The step's reduction (columns 0 and 1 only): sum clip(g)^2 in float32 lanes (four
-// accumulators; the lanes summed in double at the end) and whether any x or raw g is non-finite,
-// found by accumulating v * 0 (0 for finite v, NaN for Inf or NaN) instead of counting per
-// vector. Adds the squared norm to acc[0] and 1 to acc[1] if anything was non-finite.
-template <class T>
-void reduce_step_span(const T* x, const T* g, const Span& s, const Params& p, double acc[4]) {
-  const F zero = V::set(0.f), cv = V::set(p.cv), ncv = V::set(-p.cv);
-  F s0 = zero, s1 = zero, s2 = zero, s3 = zero, nan0 = zero, nan1 = zero;
-  int64_t j = s.j0;
-  for (; j + 4 * W <= s.j1; j += 4 * W) {
-    F gv[4];
-    for (int q = 0; q < 4; ++q) {
-      const F xv = V::load(x + j + q * W);
-      gv[q] = V::load(g + j + q * W);
-      nan0 = V::fma(xv, zero, nan0);
-      nan1 = V::fma(gv[q], zero, nan1);
-      if (p.cv > 0.f) gv[q] = clamp_keep_nan(gv[q], ncv, cv);
-    }
-    s0 = V::fma(gv[0], gv[0], s0);
-    s1 = V::fma(gv[1], gv[1], s1);
-    s2 = V::fma(gv[2], gv[2], s2);
-    s3 = V::fma(gv[3], gv[3], s3);
-  }
-  alignas(64) float t[W], u[W];
-  V::store(t, V::add(V::add(s0, s1), V::add(s2, s3)));
-  V::store(u, V::add(nan0, nan1));
-  double g2 = 0.0;
-  bool bad = false;
-  for (int l = 0; l < W; ++l) {
-    g2 += double(t[l]);
-    bad = bad || !(u[l] == 0.f);
-  }
-  double tail[4] = {0.0, 0.0, 0.0, 0.0};
-  reduce_elems(x, g, static_cast<const T*>(nullptr), j, s.j1, 1.f, p, tail);  // the row's tail
-  acc[0] += g2 + tail[0];
-  acc[1] += double(bad) + tail[1];
 }
 
 // Adds the span's four per-sample sums (see langevin_ref.reduce_ref) to acc, in double.

@@ -23,7 +23,41 @@ CASES = [  # shapes, guard, clip_norm, clip_value, broken rows, chain ids
     ([(8, 20, 32, 32), (8, 3, 32, 32)], GUARD_KEEP, 2.0, 0.0, (2, 3), False),  # one pass/sample
     ([(8, 20, 32, 32), (8, 3, 32, 32)], GUARD_RESET, 0.0, 0.5, (0, 7), True),
     ([(8, 2), (8, 3, 32, 32)], GUARD_KEEP, 1.0, 0.0, (5,), False),  # narrow and wide together
+    # the one-sweep path (wide, no norm clipping): verdicts found after the rows are written
+    ([(8, 20, 32, 32), (8, 3, 32, 32)], GUARD_KEEP, 0.0, 0.0, (1, 2, 3, 4, 7), False),
+    ([(8, 20, 32, 32), (8, 3, 32, 32)], GUARD_RESET, 0.0, 0.0, (0, 3, 5), True),
+    ([(8, 20, 32, 32), (8, 3, 32, 32)], GUARD_KEEP, 0.0, 0.3, (1, 6), False),
+    ([(6, 50_000)], GUARD_NONE, 0.0, 0.0, (1, 2), False),  # rows end in a partial step
 ]
+
+# how the sweep's rows are broken, by row: a non-finite x (first element: written before the
+# verdict is known; or mid-row), a NaN gradient at the row's end, and a finite gradient whose
+# squares overflow (not a broken chain: the sum of squares is Inf, the verdict good)
+SWEEP_BREAKS = {
+    (0, 0): "x_inf_first", (0, 1): "g_nan_last", (0, 2): "x_nan_mid", (0, 3): "g_huge",
+    (0, 4): "energy_inf", (0, 7): "g_nan_last",
+    (1, 0): "energy_inf", (1, 3): "x_inf_first", (1, 5): "g_huge",
+    (2, 1): "g_inf_mid", (2, 6): "x_nan_mid",
+    (3, 1): "g_nan_last", (3, 2): "x_inf_first",
+}
+SWEEP0 = 9  # index of the first sweep case
+
+
+def _break(xs, gs, energy, r, kind):
+    if kind == "energy_inf":
+        energy[r] = float("inf")
+    elif kind == "g_nan_last":
+        gs[-1][r].view(-1)[-1] = float("nan")
+    elif kind == "g_inf_mid":
+        gs[0][r].view(-1)[gs[0][r].numel() // 2] = float("inf")
+    elif kind == "x_inf_first":
+        xs[0][r].view(-1)[0] = float("inf")
+    elif kind == "x_nan_mid":
+        xs[-1][r].view(-1)[xs[-1][r].numel() // 2 + 1] = float("nan")
+    elif kind == "g_huge":
+        gs[0][r].fill_(min(1e30, torch.finfo(gs[0].dtype).max))  # fp16: no overflow
+    else:
+        raise ValueError(kind)
 
 
 @pytest.fixture(scope="module")
@@ -45,10 +79,9 @@ def test_step_matches_reference(op, case, dtype):
     gs = [(3 * torch.randn(s, generator=gen)).to(dtype) for s in shapes]
     energy = torch.randn(B, generator=gen)
     for r in broken:  # odd rows: a NaN gradient entry; even rows: an infinite energy
-        if r % 2:
-            gs[-1][r].view(-1)[-1] = float("nan")
-        else:
-            energy[r] = float("inf")
+        kind = "g_nan_last" if r % 2 else "energy_inf"
+        _break(xs, gs, energy, r, SWEEP_BREAKS.get((case - SWEEP0, r), kind))
+    bad_rows = [r for r in broken if SWEEP_BREAKS.get((case - SWEEP0, r)) != "g_huge"]
     ids = torch.randperm(10 * B, generator=gen)[:B] if chain else None
     seed, rows = 123456789012, 4  # rows: the ring holds 4 steps
     kw = dict(a=0.01, b=0.05, lam=1.0, clip_value=cv, clip_norm=clip_norm, lo=-math.inf,
@@ -67,7 +100,7 @@ def test_step_matches_reference(op, case, dtype):
                kw["lam"], cv, clip_norm, kw["lo"], kw["hi"], guard, rec, n_guarded)
         out[impl] = (x, int(step), rec, int(n_guarded))
     (xr, sr, rr, nr), (xc, sc, rc, nc) = out["ref"], out["cpp"]
-    assert sr == sc == 8 and nr == nc == 2 + (len(broken) if guard != GUARD_NONE else 0)
+    assert sr == sc == 8 and nr == nc == 2 + (len(bad_rows) if guard != GUARD_NONE else 0)
     # the SIMD normals are within 1 ulp of the scalar ones; results round to the dtype
     tol = {torch.float32: 2e-6, torch.bfloat16: 1e-2, torch.float16: 2e-3}[dtype]
     for a, b in zip(xr, xc):
@@ -76,12 +109,14 @@ def test_step_matches_reference(op, case, dtype):
                                    rtol=tol)
     torch.testing.assert_close(rc, rr, equal_nan=True, rtol=1e-5, atol=1e-6)
     row = 7 % rows
-    assert torch.equal(rc[row, 3] > 0, torch.isin(torch.arange(B), torch.tensor(broken or [-1]))
+    assert torch.equal(rc[row, 3] > 0, torch.isin(torch.arange(B),
+                                                  torch.tensor(bad_rows or [-1]))
                        & (guard != GUARD_NONE))
     if guard == GUARD_KEEP:  # a rejected chain keeps its state bit for bit
         for a, x0 in zip(xc, xs):
-            for r in broken:
-                assert torch.equal(a[r], x0[r])
+            for r in bad_rows:
+                assert torch.equal(a[r].isnan(), x0[r].isnan())
+                assert torch.equal(a[r].nan_to_num(), x0[r].nan_to_num())
 
 
 def test_step_validates_its_arguments(op):

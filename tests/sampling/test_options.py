@@ -555,3 +555,18 @@ def test_persistent_bank_loop_with_bind(backend):
                 assert not torch.isclose(inc[p], old).any()
             seen.setdefault(r, []).append(inc[p])
     assert sampler.t == 6
+
+
+def test_statistics_buffer_is_uninitialised_but_checkpoints_are_not():
+    """The ring buffer is allocated uninitialised (a zero fill cost a page fault per page up
+    front); only recorded rows are read, and state_dict stores zeros in the rest."""
+    x = torch.randn(5, 2)
+    s = FusedLangevin(x, 0.05, seed=1)
+    s.stats._buf.fill_(float("nan"))  # what uninitialised memory may hold
+    for _ in range(3):
+        s.step(energy)
+    assert s.stats.energy.shape == (3, 5) and torch.isfinite(s.stats.energy).all()
+    buf = s.state_dict()["stats"]["buffer"]
+    assert buf.shape == s.stats._buf.shape and torch.isfinite(buf).all()
+    assert torch.equal(buf[3:], torch.zeros_like(buf[3:]))
+    assert torch.equal(buf[:3], s.stats._buf[:3])
