@@ -37,6 +37,28 @@ def bench(fn, device="cpu", *, warmup: int = 3, reps: int = 20, min_time: float 
             "q3_ms": q[2], "reps": len(times)}
 
 
+def bench_interleaved(fns: dict, device="cpu", *, warmup: int = 3, reps: int = 20) -> dict:
+    """``bench`` for several variants at once, alternating them call by call, so that load on
+    a shared machine hits them alike (ratios of the medians are then side by side)."""
+    for fn in fns.values():
+        for _ in range(warmup):
+            fn()
+    sync(device)
+    times = {name: [] for name in fns}
+    for _ in range(reps):
+        for name, fn in fns.items():
+            t0 = time.perf_counter()
+            fn()
+            sync(device)
+            times[name].append((time.perf_counter() - t0) * 1e3)
+    out = {}
+    for name, ts in times.items():
+        q = statistics.quantiles(ts, n=4) if len(ts) > 1 else ts * 3
+        out[name] = {"median_ms": statistics.median(ts), "min_ms": min(ts), "q1_ms": q[0],
+                     "q3_ms": q[2], "reps": len(ts)}
+    return out
+
+
 def machine(device="cpu") -> str:
     dev = torch.device(device)
     if dev.type == "cuda":

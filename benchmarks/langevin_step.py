@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 import sys
 from pathlib import Path
 
@@ -20,7 +21,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.append(str(Path(__file__).resolve().parents[1]))  # a checkout works without install
-from _harness import bench, machine, markdown, write_csv  # noqa: E402
+from _harness import bench, bench_interleaved, machine, markdown, write_csv  # noqa: E402
 
 from vaebm import FusedLangevin  # noqa: E402
 from vaebm.ops import BackendUnavailable, langevin_reduce, langevin_update_  # noqa: E402
@@ -49,37 +50,49 @@ def copy_bandwidth(device, n=1 << 28) -> float:
 
 
 def run(device="cpu", reps=30, backends=("torch", "cpp", "triton", "cuda")):
+    """Per workload, the eager update and the kernels timed in one interleaved loop (variant by
+    variant within each rep), so the ratios to the eager update are side by side. The `torch`
+    reference backend runs in a loop of its own: interleaved, its large temporaries slowed the
+    eager update next to it by 1.7x (allocator and page-fault churn), flattering every ratio."""
     rows = []
     peak = copy_bandwidth(device) if torch.device(device).type == "cuda" else None
     for name, xs in workloads(device).items():
         gs = [torch.randn_like(x) for x in xs]
         n = sum(x.numel() for x in xs)
-        base = bench(lambda: eager_update(xs, gs), device, reps=reps)["median_ms"]
-        rows.append({"workload": name, "impl": "eager (published)", "median_ms": base,
-                     "GB/s": 12 * n / (base * 1e-3) / 1e9, "speedup": 1.0})
+        variants = {"eager (published)": lambda: eager_update(xs, gs)}
         for be in backends:
-            step = lambda: langevin_update_(xs, gs, seed=1, step=0, step_size=ETA, backend=be)  # noqa
-            guard = lambda: (langevin_reduce(xs, gs, backend=be), step())  # noqa: E731
+            step = lambda be=be: langevin_update_(xs, gs, seed=1, step=0, step_size=ETA,  # noqa
+                                                  backend=be)
             try:
                 step()
             except BackendUnavailable as e:
                 print(f"skip {be}: {e}", file=sys.stderr)
                 continue
-            variants = [(be, step), (be + " +guard reduce", guard)]
+            variants[be] = step
+            if be != "torch":
+                variants[be + " +guard reduce"] = \
+                    lambda be=be, step=step: (langevin_reduce(xs, gs, backend=be), step())
             if be == "cpp":  # FusedLangevin's planned step: guard, statistics, update, one call
-                sampler = FusedLangevin(xs, ETA, lam=1.0, seed=1, backend=be)
                 energy = torch.zeros(xs[0].shape[0], device=device)
-                variants.append(("cpp FusedLangevin step (guard + stats)",
-                                 lambda: sampler.step_with_grad(gs, energy)))
-            for label, fn in variants:
-                if label.endswith("reduce") and be == "torch":
-                    continue
-                t = bench(fn, device, reps=reps)["median_ms"]
-                row = {"workload": name, "impl": label, "median_ms": t,
-                       "GB/s": 12 * n / (t * 1e-3) / 1e9, "speedup": base / t}
-                if peak:
-                    row["% copy BW"] = 100 * row["GB/s"] / peak
-                rows.append(row)
+                full = FusedLangevin(xs, ETA, lam=1.0, seed=1, backend=be)
+                lean = FusedLangevin(xs, ETA, lam=1.0, seed=1, backend=be, track=False,
+                                     on_nonfinite=None)
+                variants["cpp FusedLangevin step (guard + stats)"] = \
+                    lambda s=full: s.step_with_grad(gs, energy)
+                variants["cpp FusedLangevin step (no guard, no stats)"] = \
+                    lambda s=lean: s.step_with_grad(gs, energy)
+        ref = variants.pop("torch", None)
+        res = bench_interleaved(variants, device, reps=reps)
+        if ref is not None:
+            res["torch"] = bench(ref, device, reps=max(3, reps // 3))
+        base = res["eager (published)"]["median_ms"]
+        for label, r in res.items():
+            t = r["median_ms"]
+            row = {"workload": name, "impl": label, "median_ms": t, "q1_ms": r["q1_ms"],
+                   "q3_ms": r["q3_ms"], "GB/s": 12 * n / (t * 1e-3) / 1e9, "speedup": base / t}
+            if peak:
+                row["% copy BW"] = 100 * row["GB/s"] / peak
+            rows.append(row)
     return rows, peak
 
 
@@ -89,10 +102,11 @@ def main(argv=None):
     p.add_argument("--reps", type=int, default=30)
     args = p.parse_args(argv)
     rows, peak = run(args.device, args.reps)
-    print(f"machine: {machine(args.device)}")
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
+    print(f"machine: {machine(args.device)}; load average {load:.2f}")
     if peak:
         print(f"measured device copy bandwidth: {peak:.0f} GB/s")
-    cols = ["workload", "impl", "median_ms", "GB/s", "speedup"] + (["% copy BW"] if peak else [])
+    cols = ["workload", "impl", "median_ms", "q1_ms", "q3_ms", "GB/s", "speedup"] + (["% copy BW"] if peak else [])
     print(markdown(rows, cols))
     print(f"csv: {write_csv('langevin_step', rows, args.device)}")
 

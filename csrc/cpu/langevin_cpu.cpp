@@ -135,6 +135,14 @@ void reduce_elems(const T* x, const T* g, const T* o, int64_t j0, int64_t j1, fl
     if (first) return narrow_sums_n<T, N, true, false>(x, g, i0, i1, n, cv, G2, Z);            \
     if (cv > 0.f) return narrow_sums_n<T, N, false, true>(x, g, i0, i1, n, cv, G2, Z);         \
     return narrow_sums_n<T, N, false, false>(x, g, i0, i1, n, cv, G2, Z);                      \
+  }                                                                                            \
+  /* BAD[i] = Z[i] != 0 or the energy non-finite (ep may be null) */                           \
+  inline void narrow_bad(const float* __restrict Z, const float* __restrict ep, int64_t B,     \
+                         uint8_t* __restrict BAD) {                                            \
+    if (ep)                                                                                    \
+      for (int64_t i = 0; i < B; ++i) BAD[i] = uint8_t(!((Z[i] + ep[i] * 0.f) == 0.f));        \
+    else                                                                                       \
+      for (int64_t i = 0; i < B; ++i) BAD[i] = uint8_t(!(Z[i] == 0.f));                        \
   }
 VAEBM_NARROW_SUMS_N
 
@@ -893,10 +901,12 @@ void langevin_step_(at::TensorList states, at::TensorList grads,
       if (need && all_narrow) {
         float* Z = reinterpret_cast<float*>(acc.get());  // (scratch of B * 4 doubles)
         narrow_sums<T>(xs, gs, p, G2, Z);
-        if (ep)
-          for (int64_t i = 0; i < B; ++i) BAD[i] = uint8_t(!(Z[i] == 0.f) | !(std::fabs(ep[i]) <= FLT_MAX));
+        if (kIsa == Isa::kAvx512)
+          avx512::narrow_bad(Z, ep, B, BAD);
+        else if (kIsa == Isa::kAvx2)
+          avx2::narrow_bad(Z, ep, B, BAD);
         else
-          for (int64_t i = 0; i < B; ++i) BAD[i] = uint8_t(!(Z[i] == 0.f));
+          narrow_bad(Z, ep, B, BAD);
         decide(0, B);
       } else if (need) {
         reduce_rows<T>(xs, gs, p, acc.get());

@@ -262,9 +262,11 @@ VAEBM_NARROW_SUMS_N  // the narrow state's sums, vectorised by the compiler for 
 // dependency chains; with one block the serial rounds leave the multiplier idle).
 constexpr int NL = V::NB * W;
 
-// n[b][q][l]: normal q (element 4 grp + q) of the sample with Philox id ids[b W + l].
+// n[b][q][l]: normal q (element 4 grp + q) of the sample with Philox id ids[b W + l]; with
+// `pairs` = 1 only normals 0 and 1 (a row that ends within the group's first two elements, as
+// every row of a 2-D state does: the second Box-Muller pair would be thrown away).
 inline void normals_lanes(uint32_t grp, const uint32_t* ids, uint32_t word3, const Params& p,
-                          float (*n)[4][W]) {
+                          float (*n)[4][W], int pairs = 2) {
   I c[2 * V::NB][4];
   for (int b = 0; b < V::NB; ++b)
     V::split_lanes(V::loadu_i(ids + b * W), c[2 * b][1], c[2 * b + 1][1]);
@@ -278,16 +280,39 @@ inline void normals_lanes(uint32_t grp, const uint32_t* ids, uint32_t word3, con
     const I(&e)[4] = c[2 * b], (&o)[4] = c[2 * b + 1];
     F n0, n1, n2, n3;
     box_muller(V::pack_lo(e[0], o[0]), V::pack_lo(e[1], o[1]), n0, n1);
-    box_muller(V::pack_lo(e[2], o[2]), V::pack_lo(e[3], o[3]), n2, n3);
     V::store(n[b][0], n0);
     V::store(n[b][1], n1);
+    if (pairs < 2) continue;
+    box_muller(V::pack_lo(e[2], o[2]), V::pack_lo(e[3], o[3]), n2, n3);
     V::store(n[b][2], n2);
     V::store(n[b][3], n3);
   }
 }
 
+// Elements [0, cnt) of contiguous rows, given their normals in element order (xi), every row
+// in mode update with unit gradient scale: update_span's arithmetic, W elements at a time.
+template <class T>
+void update_contig(const T* x, const T* g, T* o, const float* xi, int64_t cnt, const Params& p) {
+  const F a = V::set(p.a), b = V::set(p.b), lam = V::set(p.lam);
+  const F cv = V::set(p.cv), ncv = V::set(-p.cv), lo = V::set(p.lo), hi = V::set(p.hi);
+  int64_t e = 0;
+  for (; e + W <= cnt; e += W) {
+    const F xv = V::load(x + e);
+    F gv = V::load(g + e);
+    if (p.cv > 0.f) gv = clamp_keep_nan(gv, ncv, cv);
+    const F t = V::mul(a, V::add(gv, V::mul(lam, xv)));
+    F y = V::add(V::sub(xv, t), V::mul(b, V::load(xi + e)));
+    if (p.clamp) y = clamp_keep_nan(y, lo, hi);
+    V::store(o + e, y);
+  }
+  update_elems(x + e, g + e, o + e, xi + e, cnt - e, 1.f, false, p);
+}
+
 // Rows [r0, r1) of a tensor with n elements per row (x, g, o point at row 0). sid: the Philox
-// sample id of each row; gscale, mode: per row or null.
+// sample id of each row; gscale, mode: per row or null. Rows of at most 4 elements (one Philox
+// group: every 2-D toy state) whose block of NL rows is all plain updates have their normals
+// put in element order and are updated as one contiguous run of vectors (a scalar loop per
+// row took half of a (2000, 2) step).
 template <class T>
 void update_narrow(const T* x, const T* g, T* o, int64_t n, int64_t r0, int64_t r1,
                    uint32_t tensor, const uint32_t* sid, const float* gscale,
@@ -299,9 +324,22 @@ void update_narrow(const T* x, const T* g, T* o, int64_t n, int64_t r0, int64_t 
   for (int64_t r = r0; r < r1; r += NL) {
     const int m = int(std::min<int64_t>(NL, r1 - r));
     for (int l = 0; l < NL; ++l) ids[l] = sid[r + std::min(l, m - 1)];
+    if (n <= 4 && gscale == nullptr) {
+      bool plain = true;
+      if (mode)
+        for (int l = 0; l < m; ++l) plain = plain && mode[r + l] == kModeUpdate;
+      if (plain) {
+        normals_lanes(0u, ids, w3, p, nz, n <= 2 ? 1 : 2);
+        alignas(64) float xe[NL * 4];
+        for (int l = 0; l < m; ++l)
+          for (int64_t q = 0; q < n; ++q) xe[l * n + q] = nz[l / W][q][l % W];
+        update_contig(x + r * n, g + r * n, o + r * n, xe, m * n, p);
+        continue;
+      }
+    }
     for (int64_t j = 0; j < n; j += 4) {
-      normals_lanes(uint32_t(j >> 2), ids, w3, p, nz);
       const int64_t q1 = std::min<int64_t>(4, n - j);
+      normals_lanes(uint32_t(j >> 2), ids, w3, p, nz, q1 <= 2 ? 1 : 2);
       for (int l = 0; l < m; ++l) {
         const int64_t at = (r + l) * n + j;
         const int md = mode ? mode[r + l] : int(kModeUpdate);

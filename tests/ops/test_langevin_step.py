@@ -28,6 +28,11 @@ CASES = [  # shapes, guard, clip_norm, clip_value, broken rows, chain ids
     ([(8, 20, 32, 32), (8, 3, 32, 32)], GUARD_RESET, 0.0, 0.0, (0, 3, 5), True),
     ([(8, 20, 32, 32), (8, 3, 32, 32)], GUARD_KEEP, 0.0, 0.3, (1, 6), False),
     ([(6, 50_000)], GUARD_NONE, 0.0, 0.0, (1, 2), False),  # rows end in a partial step
+    # rows of 1-4 elements: blocks of plain updates run as one contiguous run of vectors
+    ([(50, 1)], GUARD_KEEP, 0.0, 0.0, (3,), False),
+    ([(70, 3)], GUARD_RESET, 0.0, 0.5, (1, 40), True),
+    ([(45, 4), (45, 2)], GUARD_NONE, 0.0, 0.0, (), True),
+    ([(33, 2)], GUARD_KEEP, 0.0, 0.0, (), False),
 ]
 
 # how the sweep's rows are broken, by row: a non-finite x (first element: written before the
