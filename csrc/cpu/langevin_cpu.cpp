@@ -14,6 +14,7 @@
 // and combined in a fixed order, so results do not depend on the thread count.
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
 #include <ATen/ops/zeros.h>
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
@@ -956,6 +957,27 @@ at::Tensor langevin_reduce(at::TensorList states, at::TensorList grads,
   return out;
 }
 
+// One uniform per sample: lane 0 of Philox counter (0, sample, step, stream << 24), as
+// vaebm.ops.philox.philox_uniform (MALA's accept test; a per-sample loop of scalar Philox).
+at::Tensor philox_uniform(const at::Tensor& samples, const at::Tensor& step, int64_t seed_lo,
+                          int64_t seed_hi, int64_t stream) {
+  TORCH_CHECK(samples.device().is_cpu() && samples.scalar_type() == at::kLong && samples.dim() == 1,
+              "philox_uniform: samples must be a 1-D int64 CPU tensor");
+  TORCH_CHECK(step.numel() == 1 && step.device().is_cpu(), "step must be a 1-element CPU tensor");
+  const at::Tensor ids = samples.contiguous();
+  const int64_t B = ids.numel();
+  at::Tensor out = at::empty({B}, ids.options().dtype(at::kFloat));
+  const int64_t* sp = ids.const_data_ptr<int64_t>();
+  float* op = out.data_ptr<float>();
+  const uint64_t st = uint64_t(step.item<int64_t>());
+  for (int64_t i = 0; i < B; ++i) {
+    const U4 r = philox4x32_10(philox_counter(0, uint64_t(sp[i]), st, 0u, uint32_t(stream)),
+                               uint32_t(seed_lo), uint32_t(seed_hi));
+    op[i] = u32_to_uniform(r.x);
+  }
+  return out;
+}
+
 }  // namespace
 }  // namespace vaebm::cpu
 
@@ -965,4 +987,5 @@ TORCH_LIBRARY_IMPL(vaebm, CPU, m) {
   m.impl("langevin_update_", &vaebm::cpu::langevin_update_);
   m.impl("langevin_reduce", &vaebm::cpu::langevin_reduce);
   m.impl("langevin_step_", &vaebm::cpu::langevin_step_);
+  m.impl("philox_uniform", &vaebm::cpu::philox_uniform);
 }

@@ -12,11 +12,12 @@ import torch
 from vaebm._paths import csrc_dir
 from vaebm.ops import BackendUnavailable, _library, _registry
 from vaebm.ops.conv import DWCONV, DWCONV_WGRAD
-from vaebm.ops.langevin import REDUCE, STEP, UPDATE
+from vaebm.ops.langevin import REDUCE, STEP, UNIFORM, UPDATE
 from vaebm.ops.swish import SWISH
 from vaebm.ops.weight_norm import WEIGHT_NORM
 
 TABLES = {"langevin_update_": UPDATE, "langevin_reduce": REDUCE, "langevin_step_": STEP,
+          "philox_uniform": UNIFORM,
           **SWISH, **WEIGHT_NORM, "dwconv2d": DWCONV, "dwconv2d_wgrad": DWCONV_WGRAD}
 
 

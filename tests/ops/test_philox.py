@@ -76,3 +76,26 @@ def test_rows_helper_equals_elementwise():
     rows = philox_normal_rows(3, 7, samples, 13, tensor=4, stream=2)
     elem = philox_normal(3, 7, samples[:, None], torch.arange(13)[None], tensor=4, stream=2)
     assert torch.equal(rows, elem)
+
+
+def test_cpp_accept_uniforms_equal_the_reference_bit_for_bit():
+    """vaebm::philox_uniform (MALA's accept test on the cpp backend) against
+    philox.philox_uniform on fresh sample ids, steps and 64-bit seeds; opcheck on its schema."""
+    from vaebm.ops import _registry
+    from vaebm.ops.philox import STREAM_ACCEPT, STREAM_RESET, philox_uniform
+    try:
+        _registry.load_extension("cpu")
+    except _registry.BackendUnavailable as e:
+        pytest.skip(str(e))
+    op = torch.ops.vaebm.philox_uniform
+    gen = torch.Generator().manual_seed(31)
+    for trial in range(4):
+        seed = int(torch.randint(0, 2**62, (1,), generator=gen)) * (3 if trial % 2 else 1)
+        samples = torch.randint(0, 2**32, (257,), generator=gen)
+        step = torch.randint(0, 2**31, (1,), generator=gen)
+        for stream in (STREAM_ACCEPT, STREAM_RESET):
+            got = op(samples, step, seed & 0xFFFFFFFF, seed >> 32, stream)
+            want = philox_uniform(seed, step, samples, stream)
+            assert got.dtype == torch.float32 and torch.equal(got, want)
+            assert ((got >= 0) & (got < 1)).all()
+    torch.library.opcheck(op, (samples, step, 5, 7, STREAM_ACCEPT))

@@ -41,6 +41,9 @@ SCHEMAS: dict[str, str] = {
         "int seed_lo, int seed_hi, int sample_offset, Tensor? chain_ids, float a, float b, "
         "float lam, float clip_value, float clip_norm, float lo, float hi, int guard, "
         "Tensor(c!)? rec, Tensor(d!)? n_guarded) -> ()"),
+    "philox_uniform": (
+        "philox_uniform(Tensor samples, Tensor step, int seed_lo, int seed_hi, int stream) "
+        "-> Tensor"),
     # network kernels (csrc/cpu/{swish,weight_norm,dwconv}_cpu.cpp, csrc/cuda/nn_cuda*.cu|cpp)
     "swish_fwd": "swish_fwd(Tensor x, Tensor? bias) -> Tensor",
     "swish_bwd": "swish_bwd(Tensor grad, Tensor x, Tensor? bias) -> Tensor",
@@ -83,6 +86,10 @@ def _step_fake(states, grads, energy, step, seed_lo, seed_hi, sample_offset, cha
     _check_lists(states, grads)
 
 
+def _uniform_fake(samples, step, seed_lo, seed_hi, stream):
+    return samples.new_empty(samples.shape, dtype=torch.float32)
+
+
 def _swish_fwd_fake(x, bias):  # every Swish output has x's shape, dtype and strides
     return torch.empty_like(x)
 
@@ -115,7 +122,7 @@ def _dw_wgrad_fake(x, g, K, pad):
 
 FAKES = {
     "langevin_update_": _update_fake, "langevin_reduce": _reduce_fake,
-    "langevin_step_": _step_fake, "swish_fwd": _swish_fwd_fake,
+    "langevin_step_": _step_fake, "philox_uniform": _uniform_fake, "swish_fwd": _swish_fwd_fake,
     "swish_bwd": _swish_bwd_fake, "swish_bwd2": _swish_bwd2_fake, "weight_norm_fwd": _wn_fwd_fake, "weight_norm_bwd": _wn_bwd_fake,
     "dwconv2d": _dw_fake, "dwconv2d_wgrad": _dw_wgrad_fake,
 }

@@ -28,6 +28,8 @@ REDUCE = {"cpp": Kernel("cpu", "langevin_reduce", FAST_DTYPES),
           "cuda": Kernel("cuda", "langevin_reduce", FAST_DTYPES),
           "triton": Kernel("triton", "triton_langevin_reduce", FAST_DTYPES)}
 STEP = {"cpp": Kernel("cpu", "langevin_step_", FAST_DTYPES)}  # one call per step: cpp only
+# MALA's accept uniforms (reference: philox.philox_uniform); resolved with the state's dtype
+UNIFORM = {"cpp": Kernel("cpu", "philox_uniform", FAST_DTYPES)}
 
 
 def _as_list(x, what: str) -> list[torch.Tensor]:

@@ -178,7 +178,36 @@ class FusedLangevin:
         self._ones = torch.ones(self.batch, device=self.step_t.device)
         self._proposal = None
         self._plan = self._make_plan()
+        self._kernels = self._make_kernels()
         return self
+
+    def _make_kernels(self):
+        """The resolved update and reduction kernels with the step's constant arguments packed,
+        for the steps that are not one ``cpp`` call (MALA, the ``cuda`` / ``triton`` backends):
+        their pieces then go straight to the ops, not through the validating front-ends (which
+        re-checked the tensors and re-resolved the backend up to four times a MALA step).
+        None where a front-end must adapt the call (a reference fallback, non-contiguous
+        states, chain ids a kernel does not take)."""
+        if self.create_graph:
+            return None
+        if not all(s.is_contiguous() for s in self.state):
+            return None
+        from ..ops import _registry
+        from ..ops.langevin import REDUCE, UNIFORM, UPDATE
+        x0 = self.state[0]
+        name, upd = _registry.resolve_op(UPDATE, x0.device, x0.dtype, self.backend)
+        uni = None  # MALA's accept uniforms: the cpp kernel, else the reference
+        if self.mala and name in UNIFORM:
+            uni = UNIFORM[name].get()
+        _, red = _registry.resolve_op(REDUCE, x0.device, x0.dtype, self.backend)
+        if upd is None or red is None:
+            return None
+        if self.chain_ids is not None and "chain_ids" not in UPDATE[name].features:
+            return None
+        lo, hi = (-math.inf, math.inf) if self.clamp is None else map(float, self.clamp)
+        return (upd, red, self.seed & 0xFFFFFFFF, self.seed >> 32,
+                self.sample_offset & 0xFFFFFFFF, float(self.lam),
+                float(self.clip_grad_value or 0.0), lo, hi, uni)
 
     def _make_plan(self):
         """The packed arguments of the one-call ``cpp`` step, or None where it does not apply
@@ -290,6 +319,10 @@ class FusedLangevin:
 
     # ----------------------------------------------------------------------------- pieces
     def _reduce(self, states, grads, others=None, gscale=None):
+        if self._kernels is not None:
+            red, lam, cv = self._kernels[1], self._kernels[5], self._kernels[6]
+            return red(states, [g.contiguous() for g in grads], others, self.step_size / 2,
+                       lam, cv, gscale)
         return langevin_reduce(states, grads, others, step_size=self.step_size, lam=self.lam,
                                clip_value=self.clip_grad_value, gscale=gscale, backend=self.backend)
 
@@ -308,6 +341,13 @@ class FusedLangevin:
         return torch.where(bad, fix, MODE_UPDATE).to(torch.int32)
 
     def _update(self, grads, outs=None, gscale=None, mode=None):
+        if self._kernels is not None:
+            upd, _, s_lo, s_hi, off, lam, cv, lo, hi, _ = self._kernels
+            eta = self.step_size
+            upd(self.state, [g.contiguous() for g in grads], self.state if outs is None else outs,
+                self.step_t, s_lo, s_hi, off, eta / 2, self.sigma * math.sqrt(eta), lam, cv, lo,
+                hi, gscale, mode, self.chain_ids)
+            return
         langevin_update_(self.state, grads, outs, seed=self.seed, step=self.step_t,
                          sample_offset=self.sample_offset, step_size=self.step_size, lam=self.lam,
                          sigma=self.sigma, clip_value=self.clip_grad_value, clamp=self.clamp,
@@ -438,6 +478,7 @@ class FusedLangevin:
             self.stats.n_guarded.fill_(int(st["n_guarded"]))
         self._cache = None
         self._plan = self._make_plan()
+        self._kernels = self._make_kernels()
 
     @torch.no_grad()
     def _mala_step(self, energy_fn):
@@ -459,7 +500,11 @@ class FusedLangevin:
         u_p = e_p + 0.5 * self.lam * red_p[:, 2]
         s2 = self.sigma**2
         log_alpha = (u_x - u_p) / s2 + (fwd - red_p[:, 3]) / (2 * s2 * self.step_size)
-        u = philox_uniform(self.seed, self.step_t, self._samples, STREAM_ACCEPT)
+        uni = self._kernels[9] if self._kernels is not None else None
+        if uni is not None:
+            u = uni(self._samples, self.step_t, self._kernels[2], self._kernels[3], STREAM_ACCEPT)
+        else:
+            u = philox_uniform(self.seed, self.step_t, self._samples, STREAM_ACCEPT)
         bad_p = self._bad(e_p, red_p)
         accept = (torch.log(u) < log_alpha) & ~bad_p & ~bad_x
         if self.on_nonfinite == "reset":  # a restarted chain takes its fresh start unconditionally
