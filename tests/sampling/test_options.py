@@ -570,3 +570,28 @@ def test_statistics_buffer_is_uninitialised_but_checkpoints_are_not():
     assert buf.shape == s.stats._buf.shape and torch.isfinite(buf).all()
     assert torch.equal(buf[3:], torch.zeros_like(buf[3:]))
     assert torch.equal(buf[:3], s.stats._buf[:3])
+
+
+def test_a_finished_samplers_statistics_block_is_reused_and_rewritten():
+    """A sampler made after another one is gone takes over its CPU statistics block (no fresh
+    pages to fault in), and its records are its own: nothing of the old run shows through."""
+    import gc
+
+    x = torch.randn(6, 2)
+    a = FusedLangevin(x.clone(), 0.05, seed=1)
+    for _ in range(5):
+        a.step(energy)
+    ptr = a.stats._buf.data_ptr()
+    del a
+    gc.collect()
+    b = FusedLangevin(x.clone(), 0.05, seed=2)
+    assert b.stats._buf.data_ptr() == ptr
+    for _ in range(2):
+        b.step(energy)
+    fresh = FusedLangevin(x.clone(), 0.05, seed=2)  # (the spare is taken: a new block)
+    assert fresh.stats._buf.data_ptr() != ptr
+    for _ in range(2):
+        fresh.step(energy)
+    assert b.stats.energy.shape == (2, 6)
+    assert torch.equal(b.stats.energy, fresh.stats.energy)
+    assert torch.equal(b.state_dict()["stats"]["buffer"], fresh.state_dict()["stats"]["buffer"])
