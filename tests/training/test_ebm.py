@@ -273,6 +273,54 @@ def test_sigkill_mid_run_then_resume_matches_straight_run(tmp_path):
     assert h["loss"] == h2["loss"]
 
 
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_signal_finishes_the_iteration_saves_and_resumes_like_a_straight_run(tmp_path, sig):
+    """SIGTERM (a scheduler, `timeout`) or SIGINT (Ctrl-C) mid-run: the iteration under way
+    finishes, a checkpoint of it is written (ckpt_every=0: none would exist otherwise), the run
+    raises TrainingInterrupted (exit status 128 + signal in the child), events.log says so, and
+    the same run resumed ends bit for bit where a straight run ends."""
+    steps = 8
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(HERE.parent.parent), str(HERE)]))
+    out = tmp_path / "stopped"
+    code = CHILD.format(here=str(HERE), steps=steps, out=str(out)).replace(
+        "ckpt_every=1", "ckpt_every=0").replace(
+        "callback=slow).run()", "callback=slow)\ntry:\n    t.run()\n"
+        "except KeyboardInterrupt as e:\n    print('interrupted', e.iteration, flush=True)\n"
+        "    sys.exit(e.exit_status)").replace("EBMTrainer(vae", "t = EBMTrainer(vae")
+    child = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, env=env, text=True)
+    lines = []
+    try:
+        for line in child.stdout:
+            lines.append(line)
+            if line.startswith("done 2"):
+                child.send_signal(sig)
+                break
+        rest, err = child.communicate(timeout=120)
+    finally:
+        if child.poll() is None:
+            child.kill()
+    lines += rest.splitlines()
+    assert child.returncode == 128 + int(sig), err[-3000:]
+    stopped = [ln for ln in lines if ln.startswith("interrupted")]
+    assert stopped, lines
+    n = int(stopped[0].split()[1])
+    assert 3 <= n < steps  # the iteration under way was finished, not dropped
+    ck = load_checkpoint(out / "ebm.pt", kind="ebm")
+    assert ck["iteration"] == n
+    assert f"stopped by {sig.name}" in (out / "events.log").read_text()
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as in the child: same kernels, same summation order
+    try:
+        h = trainer(out, steps=steps, ckpt_every=0).run()
+        straight = trainer(tmp_path / "straight", steps=steps, ckpt_every=0)
+        h2 = straight.run()
+    finally:
+        torch.set_num_threads(threads)
+    assert h["iteration"] == list(range(steps))
+    assert h["loss"] == h2["loss"]
+
+
 # ----------------------------------------------------------------------------- robustness
 class NaNOnce:
     """Wraps E: returns NaN energies on the `when`-th call from the loss (not the chain)."""

@@ -161,6 +161,13 @@ def main(argv=None) -> int:
     prev = set_verbosity(0) if getattr(args, "quiet", False) else None
     try:
         return args.func(args) or 0
+    except KeyboardInterrupt as e:  # a run stopped by SIGINT / SIGTERM after saving: one line
+        from ..training.interrupt import TrainingInterrupted
+
+        if not isinstance(e, TrainingInterrupted) or getattr(args, "debug", False):
+            raise
+        print(f"vaebm: {e}", file=sys.stderr, flush=True)
+        return e.exit_status
     except Exception as e:
         status = _exit_status(e)
         if status is None or getattr(args, "debug", False):

@@ -48,9 +48,11 @@ import torch
 
 from . import distributed as D
 from .checkpoint import load_latest, to_cpu
+from .interrupt import StopOnSignal, TrainingInterrupted
 from .logging import TrainLogger
 
-__all__ = ["TrainLoop", "RunLock", "RunLocked", "ConfigMismatch", "GUARDED_FIELDS"]
+__all__ = ["TrainLoop", "RunLock", "RunLocked", "ConfigMismatch", "GUARDED_FIELDS",
+           "TrainingInterrupted"]
 
 _NOT_STATS = ("iteration", "events", "eval")  # history lists that are not per-iteration stats
 LOCK_NAME = ".lock"
@@ -402,26 +404,35 @@ class TrainLoop:
                 self._snapshot = None
             it = self.iteration
             source = self._source(it)
-            while it < self.total:
-                if self._snapshot_due(it):
-                    self._take_snapshot()
-                it_data, x = next(source)
-                assert it_data == it
-                stats, reason = self.train_step(it, x)
-                if reason is not None:
-                    self._rollback(it, reason)
-                    it = self.iteration
-                    source = self._source(it)
-                    continue
-                self.iteration = it = it + 1
-                self._record(it - 1, stats)
-                self._after_iteration(it)
-                stop = bool(self.callback(self, it - 1, stats)) if self.callback else False
-                if stop or (cfg.ckpt_every and it % cfg.ckpt_every == 0) or it == self.total:
-                    self.save()
-                if stop:
-                    self._on_stop(it - 1)
-                    break
+            with StopOnSignal() as sig:  # SIGINT / SIGTERM: finish the iteration, save, stop
+                while it < self.total:
+                    if self._snapshot_due(it):
+                        self._take_snapshot()
+                    it_data, x = next(source)
+                    assert it_data == it
+                    stats, reason = self.train_step(it, x)
+                    if reason is not None:
+                        self._rollback(it, reason)
+                        it = self.iteration
+                        source = self._source(it)
+                        continue
+                    self.iteration = it = it + 1
+                    self._record(it - 1, stats)
+                    self._after_iteration(it)
+                    stop = bool(self.callback(self, it - 1, stats)) if self.callback else False
+                    # every rank stops after the same iteration (a signal may reach one rank)
+                    halt = D.any_rank(sig.signum is not None, self.device) if self.world > 1 \
+                        else sig.signum is not None
+                    if (stop or halt or (cfg.ckpt_every and it % cfg.ckpt_every == 0)
+                            or it == self.total):
+                        self.save()
+                    if stop:
+                        self._on_stop(it - 1)
+                        break
+                    if halt and it < self.total:
+                        self._event(f"stopped by {sig.name} after iteration {it - 1}; "
+                                    f"checkpoint saved at iteration {it}")
+                        raise TrainingInterrupted(sig.name, it, self.ckpt_path)
         finally:
             self.logger.close()
         return self.history
