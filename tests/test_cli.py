@@ -140,6 +140,64 @@ def test_runtime_failure_exit_status_and_bugs_keep_their_traceback(monkeypatch, 
         main(["backends"])
 
 
+def test_sampling_stopped_by_a_signal_continues_to_the_same_samples(tiny_run, tmp_path,
+                                                                   monkeypatch, capsys):
+    """`vaebm sample` with SIGTERM after its second batch: that batch finishes, the finished
+    batches are saved (exit 143, one line), the same command continues with the rest and writes
+    the samples an uninterrupted run writes, bit for bit; other settings do not take over the
+    saved batches (moved aside, not deleted)."""
+    import os
+    import signal
+
+    import vaebm.cli.sample as cs
+    import vaebm.sampling.generate as gen
+
+    vae_dir, ebm_dir = tiny_run
+    s_args = ["sample", "--vae", str(vae_dir), "--ebm", str(ebm_dir), "--n", "7", "--batch", "2",
+              "--steps", "2", "--every", "1", "--seed", "5", "--backend", "torch"]
+    assert main([*s_args, "--out", str(tmp_path / "straight")]) == 0
+    want = np.load(tmp_path / "straight" / "samples.npz")
+
+    real, calls = gen.vaebm_sample, []
+
+    def signal_on_second(*a, **k):
+        r = real(*a, **k)
+        calls.append(k["first_index"])
+        if len(calls) == 2:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return r
+
+    monkeypatch.setattr(gen, "vaebm_sample", signal_on_second)
+    out = tmp_path / "stopped"
+    capsys.readouterr()
+    assert main([*s_args, "--out", str(out)]) == 143
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("vaebm: stopped by SIGTERM after 4 of 7 samples") and "\n" not in err
+    assert calls == [0, 2] and not (out / "samples.npz").exists()
+    assert sorted(p.name for p in (out / cs.PARTS).iterdir()) == ["part-000000000.pt"]
+
+    monkeypatch.setattr(gen, "vaebm_sample", real)
+    calls.clear()
+    monkeypatch.setattr(gen, "vaebm_sample", lambda *a, **k: (calls.append(k["first_index"]),
+                                                              real(*a, **k))[1])
+    assert main([*s_args, "--out", str(out)]) == 0
+    assert "continuing: 4 of 7 samples" in capsys.readouterr().out
+    assert calls == [4, 6]  # only the batches not saved
+    got = np.load(out / "samples.npz")
+    for k in ("samples", "initial", "energy", "chain", "nonfinite"):
+        assert np.array_equal(got[k], want[k]), k
+    assert not (out / cs.PARTS).exists()  # done: the partial batches are gone
+
+    # saved batches of other settings are not used, and kept
+    monkeypatch.setattr(gen, "vaebm_sample", signal_on_second)
+    calls.clear()
+    assert main([*s_args, "--out", str(out)]) == 143
+    monkeypatch.setattr(gen, "vaebm_sample", real)
+    assert main([*s_args[:-2], "--seed", "6", "--out", str(out)]) == 0
+    assert len(list(out.glob(cs.PARTS + ".stale-*"))) == 1
+    assert not np.array_equal(np.load(out / "samples.npz")["samples"], want["samples"])
+
+
 def test_a_run_stopped_by_a_signal_exits_with_128_plus_its_number(monkeypatch, capsys):
     """TrainingInterrupted (the run saved its checkpoint, then stopped) is one line on stderr
     and exit status 128 + signal (143 for SIGTERM, 130 for SIGINT), not a traceback; a plain

@@ -162,9 +162,9 @@ def main(argv=None) -> int:
     try:
         return args.func(args) or 0
     except KeyboardInterrupt as e:  # a run stopped by SIGINT / SIGTERM after saving: one line
-        from ..training.interrupt import TrainingInterrupted
+        from ..training.interrupt import RunInterrupted
 
-        if not isinstance(e, TrainingInterrupted) or getattr(args, "debug", False):
+        if not isinstance(e, RunInterrupted) or getattr(args, "debug", False):
             raise
         print(f"vaebm: {e}", file=sys.stderr, flush=True)
         return e.exit_status

@@ -15,6 +15,11 @@ all ``--n`` samples (sample i stays sample i of the seeded sequence). The comman
 status 0) while at least one sample is finite. If none is, what can be saved still is
 (``samples.npz``, and ``vae_samples.png`` if the starts are finite) and a RuntimeError says so
 (exit status 1).
+
+Long runs lose nothing: finished batches are written to ``--out/samples.partial/`` at least
+once a minute; Ctrl-C (SIGINT) or SIGTERM finishes the batch under way, saves, and exits with
+status 128 + the signal's number; the same command continues after the saved batches (with the
+same settings and models, checked) and gives the samples an uninterrupted run gives.
 """
 
 from __future__ import annotations
@@ -100,21 +105,141 @@ def _write_outputs(res: dict, out: str) -> tuple[list[str], list[int]]:
     return [*pngs, "samples.npz"], nonfinite.tolist()
 
 
+PARTS = "samples.partial"  # folder of finished batches while a run is under way
+SAVE_EVERY_S = 60.0  # finished batches are written at least this often (and on a signal)
+
+
+def _models_digest(vae, energy) -> str:
+    """sha256 of the models' parameters and buffers: the batches saved by a run are only
+    continued with the same models."""
+    import hashlib
+
+    import torch
+
+    h = hashlib.sha256()
+    for m in (vae, energy):
+        if isinstance(m, torch.nn.Module):
+            for k, v in m.state_dict().items():
+                h.update(k.encode())
+                h.update(v.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy())
+    return h.hexdigest()
+
+
+def _load_parts(folder, key: dict) -> list[dict]:
+    """The saved batches of an earlier run of the same command (same key), in order; a folder
+    left by other settings or models is moved aside (nothing is deleted) and not used."""
+    import time
+    from pathlib import Path
+
+    from ..training.checkpoint import CheckpointError, load_checkpoint
+
+    folder = Path(folder)
+    if not folder.is_dir():
+        return []
+    parts, nxt = [], 0
+    for f in sorted(folder.glob("part-*.pt")):
+        try:
+            p = load_checkpoint(f, kind="samples-part")
+        except CheckpointError as e:  # a part cut short by a crash: the batches after it rerun
+            print(f"warning: {e}; its batches are drawn again", flush=True)
+            break
+        if p["key"] != key:
+            stale = folder.with_name(f"{folder.name}.stale-{time.strftime('%Y%m%d-%H%M%S')}")
+            folder.rename(stale)
+            print(f"warning: {folder} holds samples of other settings or models: moved to "
+                  f"{stale}; starting over", flush=True)
+            return []
+        if p["first"] != nxt:
+            break
+        parts.append(p)
+        nxt += p["count"]
+    return parts
+
+
+def _remove_parts(out) -> None:
+    import shutil
+    from pathlib import Path
+
+    folder = Path(out) / PARTS
+    if folder.is_dir():
+        shutil.rmtree(folder)
+
+
+def _sample_resumable(vae, energy, n: int, batch: int, out, kw: dict) -> dict:
+    """``vaebm_sample`` batch by batch (each batch depends only on its global sample indices,
+    so the result is the same as one call). Finished batches go to ``<out>/samples.partial/`` at
+    least every SAVE_EVERY_S seconds; SIGINT / SIGTERM finish the batch under way, save, and
+    raise RunInterrupted; the same command then continues after the saved batches."""
+    import time
+    from pathlib import Path
+
+    import torch
+
+    from .._progress import progress_iter
+    from ..sampling.generate import vaebm_sample
+    from ..training.checkpoint import save_checkpoint
+    from ..training.interrupt import RunInterrupted, StopOnSignal
+
+    folder = Path(out) / PARTS
+    key = {"n": int(n), "batch": int(batch), "models": _models_digest(vae, energy),
+           **{k: (str(v) if k == "device" else v) for k, v in kw.items() if k != "backend"}}
+    parts = _load_parts(folder, key)
+    done = sum(p["count"] for p in parts)
+    if done:
+        print(f"continuing: {done} of {n} samples were drawn by an earlier run of this command",
+              flush=True)
+    pending, last_save = [], time.monotonic()
+
+    def save():
+        nonlocal pending, last_save
+        if pending:
+            folder.mkdir(parents=True, exist_ok=True)
+            cat = lambda k: torch.cat([r[k] for r in pending], dim=1 if k == "chain" else 0)  # noqa: E731
+            part = {"kind": "samples-part", "key": key, "first": pending[0]["first"],
+                    "count": sum(r["count"] for r in pending),
+                    "settings": pending[0]["settings"],
+                    **{k: cat(k) for k in ("samples", "initial", "energy", "chain")
+                       if k in pending[0]}}
+            save_checkpoint(part, folder / f"part-{part['first']:09d}.pt", keep_prev=False)
+            parts.append(part)
+        pending, last_save = [], time.monotonic()
+
+    starts = list(range(done, int(n), int(batch)))
+    with StopOnSignal() as sig:
+        for b0 in progress_iter(starts, total=len(starts), desc="sampling", unit="batch"):
+            bs = min(int(batch), int(n) - b0)
+            r = vaebm_sample(vae, energy, bs, batch=bs, first_index=b0, **kw)
+            r.update(first=b0, count=bs)
+            pending.append(r)
+            last = b0 + bs >= n
+            if not last and (sig.signum is not None
+                             or time.monotonic() - last_save >= SAVE_EVERY_S):
+                save()
+            if sig.signum is not None and not last:
+                raise RunInterrupted(sig.name, f"stopped by {sig.name} after {b0 + bs} of {n} "
+                                               f"samples; they are saved in {folder}; run the "
+                                               "same command to continue")
+    rows = parts + pending
+    res = {k: torch.cat([r[k] for r in rows], dim=1 if k == "chain" else 0)
+           for k in ("samples", "initial", "energy", "chain") if k in rows[0]}
+    res["settings"] = {**rows[-1]["settings"], "n": int(n), "batch": int(batch),
+                       "first_index": 0}
+    return res
+
+
 def cmd_sample(args) -> int:
     """Draw VAEBM samples (PNG grids, .npz); without --ebm, plain VAE samples."""
-    from ..sampling.generate import vaebm_sample
-
     device, vae, energy, steps, step_size, mode = _models_for_sampling(args)
     if args.start == "low_temp" and args.readjust_bn and hasattr(vae, "readjust_bn"):
         vae.readjust_bn(num_batches=args.readjust_bn, batch_size=min(args.batch, 64),
                         t=args.temperature)
         vae.eval()
-    res = vaebm_sample(vae, energy or _zero_energy, args.n, steps=steps, step_size=step_size,
-                       batch=args.batch, mode=mode, negative=args._negative, start=args.start,
-                       start_t=args.temperature,
-                       seed=args.seed, every=args.every, device=device, backend=args.backend,
-                       progress=True)
+    kw = dict(steps=steps, step_size=step_size, mode=mode, negative=args._negative,
+              start=args.start, start_t=args.temperature, seed=args.seed, every=args.every,
+              device=device, backend=args.backend)
+    res = _sample_resumable(vae, energy or _zero_energy, args.n, args.batch, args.out, kw)
     written, nonfinite = _write_outputs(res, args.out)
+    _remove_parts(args.out)
     n = len(res["samples"])
     if len(nonfinite) == n:
         raise RuntimeError(f"all {n} samples are non-finite (NaN/Inf; lower --step-size or "

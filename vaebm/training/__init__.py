@@ -14,7 +14,8 @@ from .interrupt import TrainingInterrupted
 from .vae import VAETrainer, bits_per_dim, evaluate_bpd, load_vae_weights, train_vae
 
 __all__ = ["BatchStream", "CheckpointError", "DataError", "DistInfo", "EBMConfig", "EBMTrainer",
-           "EBM_PRESETS", "TrainingDiverged", "TrainingInterrupted", "VAEConfig", "VAETrainer", "VAE_PRESETS",
-           "bits_per_dim", "clip_grad_adam_", "ebm_config", "evaluate_bpd", "init_distributed",
-           "load_checkpoint", "load_config", "load_energy", "load_latest", "load_vae_weights",
-           "parse_overrides", "save_checkpoint", "train_ebm", "train_vae", "vae_config"]
+           "EBM_PRESETS", "TrainingDiverged", "TrainingInterrupted", "VAEConfig", "VAETrainer",
+           "VAE_PRESETS", "bits_per_dim", "clip_grad_adam_", "ebm_config", "evaluate_bpd",
+           "init_distributed", "load_checkpoint", "load_config", "load_energy", "load_latest",
+           "load_vae_weights", "parse_overrides", "save_checkpoint", "train_ebm", "train_vae",
+           "vae_config"]

@@ -1,25 +1,25 @@
-"""Stopping a training run on SIGINT (Ctrl-C) or SIGTERM (``timeout``, a scheduler, ``kill``)
-without losing work: the first signal lets the iteration under way finish, then the trainer
-saves a checkpoint and raises :class:`TrainingInterrupted`; running the same command again
-resumes from it. A second signal aborts at once, as the signal would have without this."""
+"""Stopping a long run on SIGINT (Ctrl-C) or SIGTERM (``timeout``, a scheduler, ``kill``)
+without losing work: the first signal lets the unit of work under way finish (a training
+iteration, a batch of samples), then the command saves its progress and raises
+:class:`RunInterrupted` (:class:`TrainingInterrupted` for training); running the same command
+again continues from it. A second signal aborts at once, as it would have without this."""
 
 from __future__ import annotations
 
 import signal
 import threading
 
-__all__ = ["TrainingInterrupted", "StopOnSignal"]
+__all__ = ["RunInterrupted", "TrainingInterrupted", "StopOnSignal"]
 
 
-class TrainingInterrupted(KeyboardInterrupt):
-    """A run stopped by a signal after a completed iteration, with its checkpoint saved.
-    (A KeyboardInterrupt, so code that lets Ctrl-C through lets this through too.)"""
+class RunInterrupted(KeyboardInterrupt):
+    """A long command stopped by a signal at a safe point, with its progress saved. (A
+    KeyboardInterrupt, so code that lets Ctrl-C through lets this through too; the CLI prints
+    the message and exits with :attr:`exit_status`.)"""
 
-    def __init__(self, signame: str, iteration: int, path):
-        self.signame, self.iteration, self.path = signame, int(iteration), path
-        where = f"checkpoint saved to {path}" if path is not None else "no checkpoint (no out_dir)"
-        super().__init__(f"stopped by {signame} after {self.iteration} iterations; {where}; "
-                         "run the same command to resume")
+    def __init__(self, signame: str, message: str):
+        self.signame = signame
+        super().__init__(message)
 
     @property
     def exit_status(self) -> int:
@@ -28,6 +28,16 @@ class TrainingInterrupted(KeyboardInterrupt):
             return 128 + int(signal.Signals[self.signame])
         except KeyError:
             return 130
+
+
+class TrainingInterrupted(RunInterrupted):
+    """A training run stopped by a signal after a completed iteration, its checkpoint saved."""
+
+    def __init__(self, signame: str, iteration: int, path):
+        self.iteration, self.path = int(iteration), path
+        where = f"checkpoint saved to {path}" if path is not None else "no checkpoint (no out_dir)"
+        super().__init__(signame, f"stopped by {signame} after {self.iteration} iterations; "
+                                  f"{where}; run the same command to resume")
 
 
 class StopOnSignal:
@@ -60,8 +70,8 @@ class StopOnSignal:
             signal.raise_signal(signum)
             return
         self.signum = signum
-        print(f"vaebm: {signal.Signals(signum).name}: stopping after this iteration and saving "
-              "a checkpoint (send it again to abort at once)", flush=True)
+        print(f"vaebm: {signal.Signals(signum).name}: stopping at the next safe point and saving "
+              "(send it again to abort at once)", flush=True)
 
     def _restore(self) -> None:
         for s, h in self._prev.items():
