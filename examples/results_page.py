@@ -101,6 +101,9 @@ def _read_bars(a) -> dict:
         d = Path(getattr(a, key))
         out[key] = [json.loads(p.read_text()) for p in sorted(d.glob("*.json"))] \
             if d.is_dir() else []
+    ctrl = Path(a.stacked_bars) / "control"  # stacked_cpu_report.py control: E = 0 chains
+    out["stacked_control"] = [json.loads(p.read_text()) for p in sorted(ctrl.glob("*.json"))] \
+        if ctrl.is_dir() else []
     return out
 
 

@@ -9,6 +9,9 @@
     # measure one stage-2 run (writes OUT/<name>.json), then the page from every JSON in OUT
     python examples/stacked_cpu_report.py measure --vae RUN/vae --ebm RUN/ebm_s0 \
         --mnist MNIST --classifier RUN/classifier.pt --out docs/img/stacked_cpu --name s0
+    # the noise-only control (E = 0, same chains): what the energy itself adds
+    python examples/stacked_cpu_report.py control --vae RUN/vae --ebm RUN/ebm_s0 \
+        --classifier RUN/classifier.pt --out docs/img/stacked_cpu --name e0_s0
     python examples/stacked_cpu_report.py page --out docs/img/stacked_cpu --md docs/stacked_cpu.md
 
 ``measure`` draws ``--n`` VAE samples and ``--n`` VAEBM samples from the same starting noise
@@ -32,7 +35,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from results_lib import (digit_classifier, measure_parser, open_measurement,  # noqa: E402
-                         read_csv, read_runs, short, stage2_lines)
+                         provenance, read_csv, read_runs, sampling_settings, short,
+                         stage2_lines)
 
 
 def _stage(folder: Path, csv: str, every: int, keys=()) -> dict:
@@ -95,6 +99,45 @@ def measure(a) -> dict:
     return res
 
 
+def control(a) -> dict:
+    """The noise-only control: the same chains (starts, Philox noise, steps, step size, prior
+    term lam * eps) with E = 0, decoded and read like ``measure``'s. The VAEBM's mode gain over
+    this control is what the energy itself adds; the rest is what 16 steps of noise do."""
+    from vaebm.eval import evaluate_modes, load_classifier
+    from vaebm.loading import load_ebm, load_vae
+    from vaebm.sampling import FusedLangevin
+    from vaebm.sampling.generate import eps_energy_fn, initial_eps
+
+    vae, _ = load_vae(a.vae)
+    energy, ck = load_ebm(a.ebm)
+    vae.eval(), energy.eval()
+    conf = ck.get("config") or {}
+    s = sampling_settings(conf)
+    _, lam = eps_energy_fn(vae, energy, s["mode"], negative=s["negative"])
+    clf, cinfo = load_classifier(a.classifier)
+    zero = lambda eps: sum(0.0 * t.flatten(1).sum(1) for t in eps)  # noqa: E731  (no gradient)
+    t0, xs = time.time(), []
+    for b0 in range(0, a.n, a.batch):
+        bs = min(a.batch, a.n - b0)
+        eps = initial_eps(vae, b0, bs, a.seed)  # vaebm_sample's starts and chain, minus E
+        chain = FusedLangevin(eps, s["step_size"], lam=lam, seed=a.seed, sample_offset=b0,
+                              max_steps=max(1, s["steps"]), track=False)
+        for _ in range(s["steps"]):
+            chain.step(zero)
+        with torch.no_grad():
+            xs.append(vae.decode_eps(eps).x_mean.clamp(0.0, 1.0).float())
+    m = evaluate_modes(torch.cat(xs), clf, n=a.n, batch_size=a.batch, classifier_info=cinfo)
+    m.pop("counts", None)
+    res = {"name": a.name, "what": "E = 0: the same starts, noise and steps", "settings": s,
+           "lam": lam, "modes": m, "seconds": time.time() - t0, "ebm": str(a.ebm),
+           "provenance": provenance(sys.argv)}
+    out = Path(a.out) / "control"
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"{a.name}.json").write_text(json.dumps(res, indent=1, default=str))
+    print(f"[stacked control {a.name}] {m['modes']} modes, KL {m['kl']}", flush=True)
+    return res
+
+
 _f = short
 
 
@@ -154,6 +197,19 @@ def page(a) -> str:
         "Stage-2 energies of data / negatives every 20 iterations, and `events.log`:",
         "",
     ]
+    at = lines.index("Stage-2 energies of data / negatives every 20 iterations, and `events.log`:")
+    ctrl = [json.loads(p.read_text()) for p in sorted((out / "control").glob("*.json"))]
+    if ctrl:
+        lines[at:at] = [
+            "**Noise-only control** (`stacked_cpu_report.py control`): the same chains, starts, "
+            "Philox noise, steps and step size, with E = 0 (only the prior term and the noise "
+            "act): " + "; ".join(f"{c['modes']['modes']} modes, KL {c['modes']['kl']:.4f} "
+                                 f"(n = {c['modes']['n_samples']})" for c in ctrl)
+            + " (VAEBM, by seed: " + ", ".join(f"{r['vaebm']['modes']} modes, KL "
+                                               f"{r['vaebm']['kl']:.4f}" for r in runs)
+            + f"; VAE: {r0['vae']['modes']} modes, KL {r0['vae']['kl']:.4f}). The VAEBM's gain "
+            "over this control is the energy's own share; the rest is what the steps' noise "
+            "does by itself.", ""]
     lines += stage2_lines(runs)
     lines += ["", f"Samples ({r0['name']}): VAE, then VAEBM from the same noise:", "",
               f"![VAE]({img / (r0['name'] + '_vae.png')}) "
@@ -172,6 +228,12 @@ def main(argv=None):
     m.add_argument("--n", type=int, default=10000)
     m.add_argument("--batch", type=int, default=100)
     m.add_argument("--seed", type=int, default=0)
+    c = sub.add_parser("control", help="the noise-only (E = 0) control of one stage-2 run")
+    for k in ("--vae", "--ebm", "--classifier", "--out", "--name"):
+        c.add_argument(k, required=True)
+    c.add_argument("--n", type=int, default=10000)
+    c.add_argument("--batch", type=int, default=100)
+    c.add_argument("--seed", type=int, default=0)
     g = sub.add_parser("page")
     g.add_argument("--out", required=True)
     g.add_argument("--md", default="docs/stacked_cpu.md")
@@ -181,6 +243,8 @@ def main(argv=None):
             if getattr(a, k) < 1:
                 p.error(f"--{k} must be >= 1")
         measure(a)
+    elif a.cmd == "control":
+        control(a)
     else:
         print(page(a))
 
