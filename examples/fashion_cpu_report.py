@@ -15,7 +15,11 @@ training images (FID Inception pool3, vaebm.eval; the reference features are cac
 the FID of as many test images (the floor at this sample size), OOD AUROC of Fashion-MNIST
 test (in) against MNIST digits (out) with the VAE's log p(x) (IWAE) and VAEBM's
 log h(x) = log p(x) - E(x), the energies of data and samples, the stage-2 trajectory and
-``events.log``, and each stage's wall time from its CSV.
+``events.log``, and each stage's wall time from its CSV. ``control`` runs the same chains
+with E = 0 (the same starts, noise, steps and prior term) and gives their FID against the same
+cached reference features: what the chains' noise does without the energy
+(``control --vae RUN/vae --ebm RUN/ebm --out docs/img/stage2_cpu --name e0_seed0
+--cache-dir FEATURES``).
 """
 
 from __future__ import annotations
@@ -30,8 +34,9 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from results_lib import (_scores, measure_parser, open_measurement, read_csv,  # noqa: E402
-                         read_runs, short, stage2_lines, subset)
+from results_lib import (_scores, measure_parser, noise_only_samples,  # noqa: E402
+                         open_measurement, provenance, read_csv, read_runs, short,
+                         stage2_lines, subset)
 
 
 def measure(a) -> dict:
@@ -184,6 +189,7 @@ def page(a) -> str:
         f"(out), log p(x) by IWAE with k = {r0['ood']['iwae_k']}; VAEBM scores "
         "log p(x) - E(x). Sampling: " + json.dumps(r0["settings"]) + ".",
         "",
+    ] + _control_lines(out, runs) + [
         "Energies (mean E): " + "; ".join(
             f"{r['name']}: test images {_f(r['energy']['test_images'])}, VAE samples "
             f"{_f(r['energy']['vae_samples'])}, VAEBM samples "
@@ -203,6 +209,59 @@ def page(a) -> str:
     return text
 
 
+def _control_lines(out: Path, runs) -> list[str]:
+    """The page's paragraph on the noise-only controls in OUT/control, if any."""
+    ctrl = [json.loads(p.read_text()) for p in sorted((out / "control").glob("*.json"))]
+    if not ctrl:
+        return []
+    by = {r["ebm"]: r for r in runs}
+    parts = []
+    for c in ctrl:
+        r = by.get(c["ebm"], {})
+        fid = r.get("fid", {})
+        parts.append(f"{c['name']}: FID {c['fid']:.1f} on {c['n']} samples (VAE "
+                     f"{_f(fid.get('vae'))}, VAEBM {_f(fid.get('vaebm'))} of run "
+                     f"{r.get('name', '?')}, same starts and noise)")
+    return ["**Noise-only control** (`fashion_cpu_report.py control`): the same chains with "
+            "E = 0 (the same starts, Philox noise, steps and prior term): " + "; ".join(parts)
+            + ". The VAEBM's FID gain over this control is the energy's own doing.", ""]
+
+
+def control(a) -> dict:
+    """The noise-only control of one stage-2 run: ``measure``'s chains (the same starts, Philox
+    noise, steps, step size and prior term) with E = 0, and their FID against the same cached
+    reference features. The VAEBM's FID gain over this control is what the energy itself adds;
+    the rest is what the chains' noise does (writes OUT/control/NAME.json)."""
+    from vaebm.data import get_dataset
+    from vaebm.eval import compute_features, fid_from_features
+    from vaebm.eval.inception import load_inception
+    from vaebm.loading import load_ebm, load_vae
+
+    vae, _ = load_vae(a.vae)
+    energy, ck = load_ebm(a.ebm)
+    vae.eval(), energy.eval()
+    t0 = time.time()
+    x, s, lam = noise_only_samples(vae, energy, ck.get("config") or {}, a.n, a.batch, a.seed)
+    net = load_inception()
+    cache = Path(a.cache_dir) / f"ref_train_{a.n_ref}_seed{a.ref_seed}.npy"
+    if cache.exists():
+        f_ref = np.load(cache)
+    else:
+        train = get_dataset("fashion_mnist", root=a.data_root, split="train")
+        f_ref = compute_features(subset(train, a.n_ref, a.ref_seed), net, batch_size=100)
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        np.save(cache, f_ref)
+    fid = fid_from_features(compute_features(x, net, batch_size=100), f_ref)
+    res = {"name": a.name, "what": "E = 0: the same starts, noise and steps", "settings": s,
+           "lam": lam, "fid": fid, "n": a.n, "n_ref": a.n_ref, "ebm": str(a.ebm),
+           "seconds": time.time() - t0, "provenance": provenance(sys.argv)}
+    out = Path(a.out) / "control"
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"{a.name}.json").write_text(json.dumps(res, indent=1, default=str))
+    print(f"[report control {a.name}] FID {fid:.2f} ({a.n} samples)", flush=True)
+    return res
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     sub = p.add_subparsers(dest="cmd", required=True)
@@ -218,6 +277,15 @@ def main(argv=None):
     m.add_argument("--no-fid", action="store_true")
     m.add_argument("--cache-dir", default=None, help="reference features (default: --out; "
                    "keep them out of the repository, 16 MB per 2000 images)")
+    c = sub.add_parser("control", help="the noise-only (E = 0) control of one stage-2 run")
+    for k in ("--vae", "--ebm", "--out", "--name", "--cache-dir"):
+        c.add_argument(k, required=True)
+    c.add_argument("--data-root", default=None)
+    c.add_argument("--n", type=int, default=2000)
+    c.add_argument("--n-ref", type=int, default=2000)
+    c.add_argument("--batch", type=int, default=100)
+    c.add_argument("--seed", type=int, default=0)
+    c.add_argument("--ref-seed", type=int, default=3)
     g = sub.add_parser("page")
     g.add_argument("--out", required=True)
     g.add_argument("--md", default="docs/stage2_cpu.md")
@@ -227,6 +295,8 @@ def main(argv=None):
             if getattr(a, k) < 1:
                 p.error(f"--{k.replace('_', '-')} must be >= 1")
         measure(a)
+    elif a.cmd == "control":
+        control(a)
     else:
         print(page(a))
 

@@ -441,3 +441,29 @@ def open_measurement(a, script: str):
     # provenance() names the results page's script; this measurement is the report script's
     res["provenance"]["command"] = f"python examples/{script} " + " ".join(sys.argv[1:])
     return vae, energy, s, res
+
+
+def noise_only_samples(vae, energy, conf: dict, n: int, batch: int, seed: int):
+    """The control of a VAEBM measurement: ``vaebm_sample``'s chains (the same starts, Philox
+    noise, steps, step size and prior term lam * eps) with E = 0, decoded like its samples
+    (decoder mean in [0, 1]). What these gain over the VAE is the steps' noise, not the energy.
+    Returns (images, sampling settings, lam)."""
+    import torch
+
+    from vaebm.sampling import FusedLangevin
+    from vaebm.sampling.generate import eps_energy_fn, initial_eps
+
+    s = sampling_settings(conf)
+    _, lam = eps_energy_fn(vae, energy, s["mode"], negative=s["negative"])
+    zero = lambda eps: sum(0.0 * t.flatten(1).sum(1) for t in eps)  # noqa: E731  (no gradient)
+    xs = []
+    for b0 in range(0, n, batch):
+        bs = min(batch, n - b0)
+        eps = initial_eps(vae, b0, bs, seed)
+        chain = FusedLangevin(eps, s["step_size"], lam=lam, seed=seed, sample_offset=b0,
+                              max_steps=max(1, s["steps"]), track=False)
+        for _ in range(s["steps"]):
+            chain.step(zero)
+        with torch.no_grad():
+            xs.append(vae.decode_eps(eps).x_mean.clamp(0.0, 1.0).float())
+    return torch.cat(xs), s, lam

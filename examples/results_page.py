@@ -101,9 +101,10 @@ def _read_bars(a) -> dict:
         d = Path(getattr(a, key))
         out[key] = [json.loads(p.read_text()) for p in sorted(d.glob("*.json"))] \
             if d.is_dir() else []
-    ctrl = Path(a.stacked_bars) / "control"  # stacked_cpu_report.py control: E = 0 chains
-    out["stacked_control"] = [json.loads(p.read_text()) for p in sorted(ctrl.glob("*.json"))] \
-        if ctrl.is_dir() else []
+    for key, bars in (("stacked_control", a.stacked_bars), ("fashion_control", a.fashion_bars)):
+        ctrl = Path(bars) / "control"  # the report scripts' `control`: E = 0 chains
+        out[key] = [json.loads(p.read_text()) for p in sorted(ctrl.glob("*.json"))] \
+            if ctrl.is_dir() else []
     return out
 
 

@@ -34,8 +34,8 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from results_lib import (digit_classifier, measure_parser, open_measurement,  # noqa: E402
-                         provenance, read_csv, read_runs, sampling_settings, short,
+from results_lib import (digit_classifier, measure_parser, noise_only_samples,  # noqa: E402
+                         open_measurement, provenance, read_csv, read_runs, short,
                          stage2_lines)
 
 
@@ -105,28 +105,14 @@ def control(a) -> dict:
     this control is what the energy itself adds; the rest is what 16 steps of noise do."""
     from vaebm.eval import evaluate_modes, load_classifier
     from vaebm.loading import load_ebm, load_vae
-    from vaebm.sampling import FusedLangevin
-    from vaebm.sampling.generate import eps_energy_fn, initial_eps
 
     vae, _ = load_vae(a.vae)
     energy, ck = load_ebm(a.ebm)
     vae.eval(), energy.eval()
-    conf = ck.get("config") or {}
-    s = sampling_settings(conf)
-    _, lam = eps_energy_fn(vae, energy, s["mode"], negative=s["negative"])
     clf, cinfo = load_classifier(a.classifier)
-    zero = lambda eps: sum(0.0 * t.flatten(1).sum(1) for t in eps)  # noqa: E731  (no gradient)
-    t0, xs = time.time(), []
-    for b0 in range(0, a.n, a.batch):
-        bs = min(a.batch, a.n - b0)
-        eps = initial_eps(vae, b0, bs, a.seed)  # vaebm_sample's starts and chain, minus E
-        chain = FusedLangevin(eps, s["step_size"], lam=lam, seed=a.seed, sample_offset=b0,
-                              max_steps=max(1, s["steps"]), track=False)
-        for _ in range(s["steps"]):
-            chain.step(zero)
-        with torch.no_grad():
-            xs.append(vae.decode_eps(eps).x_mean.clamp(0.0, 1.0).float())
-    m = evaluate_modes(torch.cat(xs), clf, n=a.n, batch_size=a.batch, classifier_info=cinfo)
+    t0 = time.time()
+    x, s, lam = noise_only_samples(vae, energy, ck.get("config") or {}, a.n, a.batch, a.seed)
+    m = evaluate_modes(x, clf, n=a.n, batch_size=a.batch, classifier_info=cinfo)
     m.pop("counts", None)
     res = {"name": a.name, "what": "E = 0: the same starts, noise and steps", "settings": s,
            "lam": lam, "modes": m, "seconds": time.time() - t0, "ebm": str(a.ebm),
