@@ -214,7 +214,7 @@ def _control_lines(out: Path, runs) -> list[str]:
     ctrl = [json.loads(p.read_text()) for p in sorted((out / "control").glob("*.json"))]
     if not ctrl:
         return []
-    by = {r["ebm"]: r for r in runs}
+    by = {r.get("ebm"): r for r in runs}
     parts = []
     for c in ctrl:
         r = by.get(c["ebm"], {})

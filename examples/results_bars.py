@@ -33,7 +33,7 @@ def _bars(b: dict) -> list[str]:
         rows.append(["Fashion-MNIST FID(VAEBM) / FID(VAE) <= 0.5",
                      ", ".join(f"{x:.3f}" for x in ratios) + f" (n = {n} per model)",
                      "met" if ratios and max(ratios) <= 0.5 else "**not met**"])
-        by = {r["ebm"]: r for r in fb}
+        by = {r.get("ebm"): r for r in fb}
         for c in b.get("fashion_control") or []:
             r = by.get(c["ebm"], {})
             f = r.get("fid", {})
