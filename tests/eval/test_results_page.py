@@ -236,6 +236,16 @@ def test_bars_section_says_met_only_when_every_seed_meets_the_bar():
                   for it in (200, 400))
     assert i200 < i400  # sorted by stage-2 iteration
     assert rb._bars({}) == []
+    # the noise-only controls: listed beside their bar, against their own run, deciding nothing
+    fm[0]["ebm"] = "runs/ebm_s0"
+    ctl = rb._bars({"fashion_bars": fm, "stacked_bars": [sm],
+                    "fashion_control": [{"ebm": "runs/ebm_s0", "fid": 99.25, "n": 2000}],
+                    "stacked_control": [{"modes": {"modes": 930, "kl": 0.25,
+                                                   "n_samples": 10000}}]})
+    lines = [ln for ln in ctl if ln.startswith("| (control")]
+    assert len(lines) == 2 and all(ln.endswith("|  |") for ln in lines)
+    assert "FID 99.2 (n = 2000) against VAE 100.0 and VAEBM 45.0 of s0" in lines[0]
+    assert "930 modes, KL 0.250 (n = 10000)" in lines[1]
 
 
 def test_bad_inputs(setup, tmp_path):
