@@ -22,6 +22,7 @@ import torch
 from ..ops import MODE_KEEP, MODE_RESET, MODE_UPDATE, langevin_reduce, langevin_update_
 from ..ops.langevin import FAST_DTYPES, check_state
 from ..ops.langevin_ref import GUARD_KEEP, GUARD_NONE, GUARD_RESET
+from ._differentiable import differentiable_step
 from ._mala import capture, mala_step
 from ._schedules import Schedule, _check_eta, _check_sigma, _schedule
 from .diagnostics import LangevinStats
@@ -430,9 +431,10 @@ class FusedLangevin:
         if self._graph is not None:
             raise RuntimeError("this sampler was captured into a CUDA graph: use graph_step()")
         if self.mala:
-            return self._mala_step(energy_fn)
+            with torch.no_grad():  # (the energies' gradients are taken inside, with grad on)
+                return mala_step(self, energy_fn)
         if self.create_graph:
-            return self._differentiable_step(energy_fn)
+            return differentiable_step(self, energy_fn)
         energy, grads = self._energy_grad(energy_fn, self.state)
         if self._plan is not None:  # a custom op on tensors that need no gradient: no no_grad()
             self._planned(grads, energy)
@@ -440,10 +442,6 @@ class FusedLangevin:
         with torch.no_grad():
             self._ula_update(energy, grads)
         return energy
-
-    def _differentiable_step(self, energy_fn):
-        from ._differentiable import differentiable_step
-        return differentiable_step(self, energy_fn)
 
     # ----------------------------------------------------------------------------- state
     def state_dict(self) -> dict:
@@ -480,10 +478,6 @@ class FusedLangevin:
         self._plan = self._make_plan()
         self._kernels = self._make_kernels()
 
-    @torch.no_grad()
-    def _mala_step(self, energy_fn):
-        return mala_step(self, energy_fn)
-
     # ----------------------------------------------------------------------------- graphs
     def graph_step(self, energy_fn: EnergyFn, warmup: int = 2) -> None:
         """Like :meth:`step`, replayed as one CUDA graph (energy forward, input gradient, fused
@@ -495,11 +489,8 @@ class FusedLangevin:
             raise RuntimeError("a CUDA graph replays constant step sizes: no schedules with "
                                "graph_step")
         if self._graph is None:
-            self._capture(energy_fn, warmup)
+            capture(self, energy_fn, warmup)
         self._graph.replay()
         self.t += 1
         if self.stats is not None:
             self.stats.steps += 1
-
-    def _capture(self, energy_fn, warmup):
-        capture(self, energy_fn, warmup)
