@@ -96,14 +96,17 @@ def _bars(b: dict) -> list[str]:
               + (f" ({r['note']})" if r.get("note") else "") + ":", ""]
         L += _table(["Langevin steps", *map(str, r["steps"])],
                     [["mean E(x)", *(f"{e:.1f}" for e in r["mean_energy"])]]) + [""]
-    cl = sorted(b.get("chain_lengths") or [], key=lambda r: r["settings"]["steps"])
+    cl = sorted(b.get("chain_lengths") or [],
+                key=lambda r: (r["settings"]["steps"], r["settings"]["step_size"]))
     if cl:
-        L += ["The same energy net sampled with longer chains (FID of "
+        L += ["The same energy net sampled with longer chains or larger steps (FID of "
               f"{cl[0]['fid']['n']} samples per model against 2000 training images, so not "
               "comparable with the 2000-sample rows above):", ""]
-        L += _table(["Langevin steps", "FID VAE", "FID VAEBM", "ratio", "mean E VAE samples",
-                     "mean E VAEBM samples", "mean E test images", "sampling time"],
-                    [[r["settings"]["steps"], fmt(r["fid"]["vae"], 1), fmt(r["fid"]["vaebm"], 1),
+        L += _table(["Langevin steps", "step size", "FID VAE", "FID VAEBM", "ratio",
+                     "mean E VAE samples", "mean E VAEBM samples", "mean E test images",
+                     "sampling time"],
+                    [[r["settings"]["steps"], f"{r['settings']['step_size']:g}",
+                      fmt(r["fid"]["vae"], 1), fmt(r["fid"]["vaebm"], 1),
                       fmt(r["fid"]["ratio"], 3), fmt(r["energy"]["vae_samples"], 1),
                       fmt(r["energy"]["vaebm_samples"], 1), fmt(r["energy"]["test_images"], 1),
                       f"{r['sample_seconds']:.0f} s"] for r in cl]) + [""]
