@@ -211,15 +211,13 @@ def main(argv=None):
     m = measure_parser(sub)
     m.add_argument("--classifier", default=None, help="digit classifier .pt (trained and "
                    "saved here if missing)")
-    m.add_argument("--n", type=int, default=10000)
-    m.add_argument("--batch", type=int, default=100)
-    m.add_argument("--seed", type=int, default=0)
     c = sub.add_parser("control", help="the noise-only (E = 0) control of one stage-2 run")
     for k in ("--vae", "--ebm", "--classifier", "--out", "--name"):
         c.add_argument(k, required=True)
-    c.add_argument("--n", type=int, default=10000)
-    c.add_argument("--batch", type=int, default=100)
-    c.add_argument("--seed", type=int, default=0)
+    for q in (m, c):  # the chains: the same for both
+        q.add_argument("--n", type=int, default=10000)
+        q.add_argument("--batch", type=int, default=100)
+        q.add_argument("--seed", type=int, default=0)
     g = sub.add_parser("page")
     g.add_argument("--out", required=True)
     g.add_argument("--md", default="docs/stacked_cpu.md")

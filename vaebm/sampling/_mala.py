@@ -1,13 +1,31 @@
 """The pieces of FusedLangevin that are not the unadjusted step: the Metropolis-adjusted step
-(MALA) and CUDA-graph capture. ``self`` is the sampler (vaebm.sampling.langevin.FusedLangevin);
-MALA's update, reductions and accept uniforms go to the kernels the sampler resolved when it
-bound its state (``self._kernels``), else to the validating front-ends."""
+(MALA), CUDA-graph capture, and the record of a bound sampler's resolved kernels. ``self`` is
+the sampler (vaebm.sampling.langevin.FusedLangevin); MALA's update, reductions and accept
+uniforms go to the kernels it resolved when it bound its state (``self._kernels``), else to
+the validating front-ends."""
 
 from __future__ import annotations
+
+from typing import Callable, NamedTuple
 
 import torch
 
 from ..ops.philox import STREAM_ACCEPT, philox_uniform
+
+
+class _Kernels(NamedTuple):
+    """A bound sampler's resolved kernels and their constant arguments (see _make_kernels)."""
+    update: Callable
+    reduce: Callable
+    seed_lo: int
+    seed_hi: int
+    sample_offset: int  # (mod 2**32)
+    lam: float
+    clip_value: float  # 0: none
+    lo: float
+    hi: float
+    uniform: Callable | None  # MALA's accept uniforms (cpp), else the reference
+    backend: str
 
 
 def mala_step(self, energy_fn):
@@ -32,9 +50,9 @@ def mala_step(self, energy_fn):
     u_p = e_p + 0.5 * self.lam * red_p[:, 2]
     s2 = self.sigma**2
     log_alpha = (u_x - u_p) / s2 + (fwd - red_p[:, 3]) / (2 * s2 * self.step_size)
-    uni = self._kernels[9] if self._kernels is not None else None
-    if uni is not None:
-        u = uni(self._samples, self.step_t, self._kernels[2], self._kernels[3], STREAM_ACCEPT)
+    k = self._kernels
+    if k is not None and k.uniform is not None:
+        u = k.uniform(self._samples, self.step_t, k.seed_lo, k.seed_hi, STREAM_ACCEPT)
     else:
         u = philox_uniform(self.seed, self.step_t, self._samples, STREAM_ACCEPT)
     bad_p = self._bad(e_p, red_p)

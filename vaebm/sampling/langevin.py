@@ -20,10 +20,10 @@ from typing import Callable, Sequence
 import torch
 
 from ..ops import MODE_KEEP, MODE_RESET, MODE_UPDATE, langevin_reduce, langevin_update_
-from ..ops.langevin import FAST_DTYPES, check_state
+from ..ops.langevin import check_state
 from ..ops.langevin_ref import GUARD_KEEP, GUARD_NONE, GUARD_RESET
 from ._differentiable import differentiable_step
-from ._mala import capture, mala_step
+from ._mala import _Kernels, capture, mala_step
 from ._schedules import Schedule, _check_eta, _check_sigma, _schedule
 from .diagnostics import LangevinStats
 
@@ -178,17 +178,15 @@ class FusedLangevin:
         # the energies' output gradient (see _ones_like); made here, not in a (compiled) step
         self._ones = torch.ones(self.batch, device=self.step_t.device)
         self._proposal = None
-        self._plan = self._make_plan()
         self._kernels = self._make_kernels()
+        self._plan = self._make_plan()
         return self
 
     def _make_kernels(self):
-        """The resolved update and reduction kernels with the step's constant arguments packed,
-        for the steps that are not one ``cpp`` call (MALA, the ``cuda`` / ``triton`` backends):
-        their pieces then go straight to the ops, not through the validating front-ends (which
-        re-checked the tensors and re-resolved the backend up to four times a MALA step).
-        None where a front-end must adapt the call (a reference fallback, non-contiguous
-        states, chain ids a kernel does not take)."""
+        """The resolved kernels and the step's constant arguments (:class:`_Kernels`): MALA and
+        the ``cuda`` / ``triton`` steps call them directly (not the validating front-ends), and
+        the one-call ``cpp`` plan is built from them. None where a front-end must adapt the
+        call (a reference fallback, non-contiguous states, chain ids a kernel does not take)."""
         if self.create_graph:
             return None
         if not all(s.is_contiguous() for s in self.state):
@@ -206,37 +204,28 @@ class FusedLangevin:
         if self.chain_ids is not None and "chain_ids" not in UPDATE[name].features:
             return None
         lo, hi = (-math.inf, math.inf) if self.clamp is None else map(float, self.clamp)
-        return (upd, red, self.seed & 0xFFFFFFFF, self.seed >> 32,
-                self.sample_offset & 0xFFFFFFFF, float(self.lam),
-                float(self.clip_grad_value or 0.0), lo, hi, uni)
+        return _Kernels(upd, red, self.seed & 0xFFFFFFFF, self.seed >> 32,
+                        self.sample_offset & 0xFFFFFFFF, float(self.lam),
+                        float(self.clip_grad_value or 0.0), lo, hi, uni, name)
 
     def _make_plan(self):
         """The packed arguments of the one-call ``cpp`` step, or None where it does not apply
-        (MALA, CUDA graphs, differentiable chains, other backends, non-contiguous states)."""
-        if self.mala or self.capturable or self.create_graph:
+        (MALA, CUDA graphs, and wherever ``_make_kernels`` found no kernels: differentiable
+        chains, other backends, non-contiguous states). Made after ``_make_kernels``."""
+        from ..ops.langevin import STEP
+        k = self._kernels
+        if self.mala or self.capturable or k is None or k.backend not in STEP:
             return None
-        x0 = self.state[0]
-        if x0.device.type != "cpu" or x0.dtype not in FAST_DTYPES:
-            return None
-        if not all(s.is_contiguous() for s in self.state):
-            return None
-        from ..ops import _registry
-        from ..ops.langevin import STEP, UPDATE
-        name, _ = _registry.resolve_op(UPDATE, x0.device, x0.dtype, self.backend)
-        if name not in STEP:
-            return None
-        op = STEP[name].get()
+        op = STEP[k.backend].get()
         st = self.stats
         rec = (st._buf, st.n_guarded) if st is not None else (None, None)
         # the statistics grow when this many steps are recorded (a host int, read every step)
         self._grow_at = st.rows if st is not None and st.rows < st.capacity else math.inf
         # the state's autograd leaves, made once: views that see the kernel's in-place writes
         self._leaves = [s.detach().requires_grad_(True) for s in self.state]
-        lo, hi = (-math.inf, math.inf) if self.clamp is None else map(float, self.clamp)
         guard = {None: GUARD_NONE, "reject": GUARD_KEEP, "reset": GUARD_RESET}[self.on_nonfinite]
-        return (op, self.seed & 0xFFFFFFFF, self.seed >> 32, self.sample_offset,
-                self.chain_ids, self.lam, float(self.clip_grad_value or 0.0),
-                float(self.clip_grad_norm or 0.0), lo, hi, guard, rec)
+        return (op, k.seed_lo, k.seed_hi, k.sample_offset, self.chain_ids, k.lam, k.clip_value,
+                float(self.clip_grad_norm or 0.0), k.lo, k.hi, guard, rec)
 
     # ----------------------------------------------------------------------------- counters
     @property
@@ -320,10 +309,10 @@ class FusedLangevin:
 
     # ----------------------------------------------------------------------------- pieces
     def _reduce(self, states, grads, others=None, gscale=None):
-        if self._kernels is not None:
-            red, lam, cv = self._kernels[1], self._kernels[5], self._kernels[6]
-            return red(states, [g.contiguous() for g in grads], others, self.step_size / 2,
-                       lam, cv, gscale)
+        k = self._kernels
+        if k is not None:
+            return k.reduce(states, [g.contiguous() for g in grads], others, self.step_size / 2,
+                            k.lam, k.clip_value, gscale)
         return langevin_reduce(states, grads, others, step_size=self.step_size, lam=self.lam,
                                clip_value=self.clip_grad_value, gscale=gscale, backend=self.backend)
 
@@ -342,12 +331,13 @@ class FusedLangevin:
         return torch.where(bad, fix, MODE_UPDATE).to(torch.int32)
 
     def _update(self, grads, outs=None, gscale=None, mode=None):
-        if self._kernels is not None:
-            upd, _, s_lo, s_hi, off, lam, cv, lo, hi, _ = self._kernels
+        k = self._kernels
+        if k is not None:
             eta = self.step_size
-            upd(self.state, [g.contiguous() for g in grads], self.state if outs is None else outs,
-                self.step_t, s_lo, s_hi, off, eta / 2, self.sigma * math.sqrt(eta), lam, cv, lo,
-                hi, gscale, mode, self.chain_ids)
+            k.update(self.state, [g.contiguous() for g in grads],
+                     self.state if outs is None else outs, self.step_t, k.seed_lo, k.seed_hi,
+                     k.sample_offset, eta / 2, self.sigma * math.sqrt(eta), k.lam, k.clip_value,
+                     k.lo, k.hi, gscale, mode, self.chain_ids)
             return
         langevin_update_(self.state, grads, outs, seed=self.seed, step=self.step_t,
                          sample_offset=self.sample_offset, step_size=self.step_size, lam=self.lam,
@@ -475,8 +465,8 @@ class FusedLangevin:
             self.stats.steps, self.stats.t0 = int(st["steps"]), int(st.get("t0", 0))
             self.stats.n_guarded.fill_(int(st["n_guarded"]))
         self._cache = None
-        self._plan = self._make_plan()
         self._kernels = self._make_kernels()
+        self._plan = self._make_plan()
 
     # ----------------------------------------------------------------------------- graphs
     def graph_step(self, energy_fn: EnergyFn, warmup: int = 2) -> None:
