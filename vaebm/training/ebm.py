@@ -311,12 +311,13 @@ class EBMTrainer(TrainLoop):
         gnorm = _grad_norm(self.params)
         vals = torch.stack([loss.detach().float(), e_pos.detach().float().mean(),
                             e_neg.detach().float().mean(), spec.detach().float(),
-                            gnorm.to(loss.device)])
+                            gnorm.to(loss.device), loss.new_tensor(self._stop_pending).float()])
         vals = D.all_reduce_mean(vals).tolist()  # the one host sync of the iteration
-        loss_v, ep, en, sp, gn = vals
+        loss_v, ep, en, sp, gn, stop = vals
         reason = self.guard.check(loss_v, ep - en, gn)
         lr = cfg.lr * self.lr_scale
         stats = {"loss": loss_v, "e_pos": ep, "e_neg": en, "spectral": sp, "grad_norm": gn,
+                 "stop": stop,
                  "lr": lr, "buffer_p": self.buffer.probability(it) if self.buffer else 0.0,
                  "replayed": float(replay.float().mean())}
         if reason is not None:

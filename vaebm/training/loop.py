@@ -156,6 +156,9 @@ class TrainLoop:
         """Ranks, local batch and device (from ``model``'s parameters unless given), counters."""
         self.cfg, self.callback = cfg, callback
         self.rank, self.world = D.world()
+        # 1.0 while a stop signal is pending on this rank: the trainers' train_step averages it
+        # with their statistics (their one all-reduce), so every rank sees any rank's signal
+        self._stop_pending = 0.0
         if cfg.batch_size % self.world:
             raise ValueError(f"batch_size {cfg.batch_size} is not divisible by {self.world} ranks")
         self.local_batch = cfg.batch_size // self.world
@@ -410,6 +413,7 @@ class TrainLoop:
                         self._take_snapshot()
                     it_data, x = next(source)
                     assert it_data == it
+                    self._stop_pending = float(sig.signum is not None)
                     stats, reason = self.train_step(it, x)
                     if reason is not None:
                         self._rollback(it, reason)
@@ -420,9 +424,9 @@ class TrainLoop:
                     self._record(it - 1, stats)
                     self._after_iteration(it)
                     stop = bool(self.callback(self, it - 1, stats)) if self.callback else False
-                    # every rank stops after the same iteration (a signal may reach one rank)
-                    halt = D.any_rank(sig.signum is not None, self.device) if self.world > 1 \
-                        else sig.signum is not None
+                    # every rank stops after the same iteration (a signal may reach one rank):
+                    # on several ranks, by the flag all-reduced with the iteration's statistics
+                    halt = stats.get("stop", 0.0) > 0 if self.world > 1 else sig.signum is not None
                     if (stop or halt or (cfg.ckpt_every and it % cfg.ckpt_every == 0)
                             or it == self.total):
                         self.save()

@@ -256,9 +256,11 @@ class VAETrainer(TrainLoop):
         gnorm = torch.stack(norms).norm() if norms else torch.zeros((), device=self.device)
         vals = torch.stack([loss.detach().float(), nelbo.detach(), recon.detach().mean(),
                             kl.detach().sum(1).mean(), spec.detach().float(),
-                            bn.detach().float(), gnorm.to(self.device)])
+                            bn.detach().float(), gnorm.to(self.device),
+                            gnorm.new_tensor(self._stop_pending).to(self.device)])
         vals = D.all_reduce_mean(vals).tolist()
-        stats = dict(zip(("loss", "nelbo", "recon", "kl", "spectral", "bn", "grad_norm"), vals))
+        stats = dict(zip(("loss", "nelbo", "recon", "kl", "spectral", "bn", "grad_norm", "stop"),
+                         vals))
         stats.update(kl_coeff=beta, wdn=lam, lr=lr)
         overflow = self.scaler.is_enabled() and not math.isfinite(stats["grad_norm"])
         reason = None if overflow else self.guard.check(stats["loss"], None, stats["grad_norm"])
